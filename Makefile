@@ -1,0 +1,44 @@
+# dlopt-labs: set-up, run and test. `make lab` and `make test` are all a fresh machine needs.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-stamp
+TORCH := torch==2.13.0
+CH ?= 15
+MODE ?= full
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+PORT ?= 8888
+
+.PHONY: setup lab test run bench readme export clean-nbs clean
+
+setup: $(STAMP)  ## create .venv and install the pinned CPU torch and everything else (idempotent)
+
+$(STAMP): settings.ini setup.py
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	@$(BIN)/python -c "import torch, dlopt_labs; print('set up: torch', torch.__version__, '| dlopt_labs', dlopt_labs.__version__)"
+	@touch $(STAMP)
+
+lab: setup  ## open JupyterLab on the course home page
+	DLOPT_PROGRESS=1 $(BIN)/jupyter lab --ip=127.0.0.1 --port=$(PORT) $(ROOT_FLAG) --notebook-dir=nbs index.ipynb
+
+test: setup  ## the whole test suite (also fails when notebooks and library are out of sync)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -q
+
+run: setup  ## run one chapter: make run CH=15 [MODE=smoke]
+	$(BIN)/dlopt-labs run $(CH) --mode $(MODE)
+
+bench: setup  ## fit()'s overhead over a plain PyTorch loop, measured side by side
+	$(BIN)/python tests/bench_fit.py
+
+readme: setup  ## regenerate README.md from nbs/index.ipynb
+	$(BIN)/python -c "from dlopt_labs.course import write_readme; write_readme()"
+
+export: setup  ## notebooks -> library, clean notebooks, README
+	$(BIN)/nbdev_export && $(BIN)/nbdev_clean && $(MAKE) -s readme
+
+clean:
+	rm -rf _runs _results
