@@ -1,0 +1,178 @@
+"""Each chapter's from-scratch code, cross-checked against the well-kept reference named in CHAPTERS.md."""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+import torch.nn.utils.prune as tprune
+
+from dlopt_labs.models import MLP, SmallCNN
+from dlopt_labs.measure import time_it
+from dlopt_labs.compress import prune as P
+from dlopt_labs.reliable import calibrate as C
+from dlopt_labs.speed import throughput as T
+
+
+# chapter 15: torch.nn.utils.prune ---------------------------------------------------------------
+
+def _net(seed=0):
+    torch.manual_seed(seed); return MLP(64, 10, hidden=(128, 64))
+
+
+@pytest.mark.parametrize("amount", [0.1, 0.5, 0.9, 0.97])
+def test_global_magnitude_masks_equal_torch_global_unstructured(amount):
+    net = _net(); ref = copy.deepcopy(net)
+    lins = [(m, "weight") for m in ref if isinstance(m, nn.Linear)]
+    tprune.global_unstructured(lins, pruning_method=tprune.L1Unstructured, amount=amount)
+    ours = P.magnitude_masks(net, amount)
+    theirs = [m.weight_mask.bool() for m, _ in lins]
+    assert all(torch.equal(a, b) for a, b in zip(ours.values(), theirs))
+
+
+@pytest.mark.parametrize("amount", [0.3, 0.8])
+def test_layerwise_masks_equal_torch_l1_unstructured(amount):
+    net = _net(1)
+    for name, mask in P.magnitude_masks(net, amount, scope="layer").items():
+        layer = copy.deepcopy(dict(net.named_modules())[name.rsplit(".", 1)[0]])
+        tprune.l1_unstructured(layer, "weight", amount=amount)
+        assert torch.equal(mask, layer.weight_mask.bool())
+
+
+def test_pruned_model_equals_torch_pruned_model():
+    net = _net(2); ref = copy.deepcopy(net)
+    tprune.global_unstructured([(m, "weight") for m in ref if isinstance(m, nn.Linear)], pruning_method=tprune.L1Unstructured, amount=0.8)
+    x = torch.randn(16, 64)
+    torch.testing.assert_close(P.prune(net, P.magnitude_masks(net, 0.8))(x), ref(x))
+
+
+def test_structured_neurons_equal_torch_ln_structured():
+    net = _net(3)
+    first = net[1]
+    keep = 32
+    ref = copy.deepcopy(first)
+    tprune.ln_structured(ref, "weight", amount=first.out_features - keep, n=1, dim=0)
+    kept_rows = ref.weight_mask.any(1).nonzero().flatten()
+    small = P.prune_neurons(net, keep / first.out_features)
+    assert small[1].out_features == keep
+    torch.testing.assert_close(small[1].weight, first.weight[kept_rows])
+
+
+def test_masks_survive_fine_tuning_and_random_is_worse_than_magnitude():
+    from dlopt_labs.data import load, split, loaders
+    from dlopt_labs.training import fit, evaluate
+    torch.manual_seed(0)
+    dls = loaders(split(load("digits")), 64)
+    net = MLP(64, 10, hidden=(128,)); fit(net, dls["train"], epochs=5, lr=3e-3, progress=False, device="cpu")
+    mag = evaluate(P.prune(net, P.magnitude_masks(net, 0.8)), dls["test"])["acc"]
+    rnd = evaluate(P.prune(net, P.random_masks(net, 0.8)), dls["test"])["acc"]
+    assert mag > rnd + 0.05
+    ft = P.prune(net, P.magnitude_masks(net, 0.8), dls["train"], epochs=1, progress=False, device="cpu")
+    assert P.weight_sparsity(ft) == pytest.approx(0.8, abs=1e-3)
+
+
+def test_prune_rejects_bad_sparsity():
+    with pytest.raises(ValueError, match=r"sparsity .* must be in \[0, 1\)"):
+        P.magnitude_masks(_net(), 1.2)
+    with pytest.raises(ValueError, match="scope must be"):
+        P.magnitude_masks(_net(), 0.5, scope="row")
+
+
+# chapter 29: torchmetrics' calibration error ------------------------------------------------------
+
+@pytest.mark.parametrize("n_bins", [5, 15])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ece_matches_torchmetrics(n_bins, seed):
+    from torchmetrics.classification import MulticlassCalibrationError
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(500, 6, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(6, (500,), generator=g)
+    p = logits.softmax(1)
+    ref = MulticlassCalibrationError(num_classes=6, n_bins=n_bins, norm="l1")(p, y).item()
+    assert C.ece(p, y, n_bins) == pytest.approx(ref, abs=1e-6)   # torchmetrics sums in float32
+
+
+def test_ece_of_a_trained_model_matches_torchmetrics():
+    from torchmetrics.functional.classification import multiclass_calibration_error
+    from dlopt_labs.data import load, split, loaders
+    from dlopt_labs.training import fit, predict
+    torch.manual_seed(0); dls = loaders(split(load("digits")), 64)
+    net = MLP(64, 10, hidden=(64,)); fit(net, dls["train"], epochs=3, progress=False, device="cpu")
+    logits, y = predict(net, dls["test"])
+    p = logits.double().softmax(1)
+    assert (p.max(1).values < 1).all()   # the two differ only for confidence exactly 1.0, which torchmetrics bins apart
+    assert C.ece(p, y) == pytest.approx(multiclass_calibration_error(p, y, 10, n_bins=15).item(), abs=1e-6)
+
+
+def test_temperature_fit_matches_a_fine_grid_and_keeps_argmax():
+    g = torch.Generator().manual_seed(4)
+    y = torch.randint(5, (400,), generator=g)
+    logits = (F.one_hot(y, 5) * 1.5 + torch.randn(400, 5, generator=g)).double() * 4   # over-confident
+    t = C.fit_temperature(logits, y)
+    grid = torch.linspace(0.5, 10, 2000, dtype=torch.float64)
+    best = grid[torch.stack([F.cross_entropy(logits / s, y) for s in grid]).argmin()].item()
+    assert t == pytest.approx(best, abs=0.01) and t > 1
+    assert torch.equal((logits / t).argmax(1), logits.argmax(1))
+    assert C.ece((logits / t).softmax(1), y) < C.ece(logits.softmax(1), y)
+
+
+def test_ece_null_is_small_for_calibrated_labels_and_measures_reject_logits():
+    g = torch.Generator().manual_seed(5)
+    p = torch.randn(2000, 4, generator=g, dtype=torch.float64).softmax(1)
+    y = torch.multinomial(p, 1, generator=g).squeeze(1)           # calibrated by construction
+    null = C.ece_null(p, n_sim=50)
+    assert C.ece(p, y) <= np.percentile(null, 99)
+    with pytest.raises(ValueError, match="pass logits.softmax"): C.ece(torch.randn(10, 3), torch.zeros(10, dtype=torch.long))
+    assert C.brier(torch.eye(3), torch.arange(3)) == 0 and C.nll(torch.eye(3), torch.arange(3)) == pytest.approx(0, abs=1e-9)
+
+
+def test_risk_coverage_and_mc_dropout():
+    p = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.8, 0.2], [0.55, 0.45]], dtype=torch.float64)
+    y = torch.tensor([0, 1, 0, 0])
+    rc = C.risk_coverage(p, y)
+    assert rc.risk.tolist() == pytest.approx([0, 0, 1 / 3, 0.25])   # the one error (confidence 0.6) is third most confident
+    net = SmallCNN(1, 3, widths=(4,), dropout=0.5, batchnorm=False).eval()
+    x = torch.randn(5, 1, 8, 8)
+    a, b = C.mc_dropout_probs(net, x, 10, seed=0), C.mc_dropout_probs(net, x, 10, seed=0)
+    assert torch.equal(a, b) and not net.training and torch.allclose(a.sum(1), torch.ones(5))
+    with pytest.raises(ValueError, match="needs a model with dropout"): C.mc_dropout_probs(MLP(64, 3), torch.randn(2, 64))
+
+
+# chapter 01: torch.utils.benchmark.Timer ----------------------------------------------------------
+
+def test_time_it_agrees_with_torch_benchmark_timer():
+    from torch.utils import benchmark
+    a = torch.randn(256, 256)
+    ratios = []
+    for _ in range(3):   # the ratio of medians, measured side by side, three times; the median of those is robust to one noisy round
+        ours = time_it(lambda: a @ a, warmup=5, repeats=50, n_threads=1).median
+        ref = benchmark.Timer("a @ a", globals=dict(a=a), num_threads=1).blocked_autorange(min_run_time=0.2).median
+        ratios.append(ours / ref)
+    assert 0.67 < float(np.median(ratios)) < 1.5, ratios
+
+
+def test_step_throughput_first_call_apart_and_batch_direction():
+    def make(): torch.manual_seed(0); return SmallCNN(1, 4, widths=(8, 16))
+    x, y = torch.randn(64, 1, 16, 16), torch.randint(4, (64,))
+    r = T.step_throughput(make, x, y, steps=5, n_threads=1)
+    assert r["threads"] == 1 and r["first_call_ms"] > 0 and r["samples_per_s"] == pytest.approx(64 / (r["step_ms"] / 1e3))
+    r1 = T.step_throughput(make, x[:1], y[:1], steps=5, n_threads=1)
+    assert r["samples_per_s"] > 3 * r1["samples_per_s"]       # batch 1 is dominated by per-step overhead
+
+
+def test_break_even_and_flops():
+    assert T.break_even(10, 0.02, 0.01) == pytest.approx(1000)
+    assert T.break_even(10, 0.01, 0.02) == math.inf
+    lin = lambda: nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+    assert T.step_flops(lin, torch.randn(8, 1, 4, 4), torch.randint(4, (8,))) == 3 * 2 * 8 * 16 * 4 - 2 * 8 * 16 * 4   # no input grad
+
+
+def test_npy_folder_roundtrip(tmp_path):
+    X = np.random.rand(10, 1, 4, 4).astype(np.float32); y = np.arange(10) % 3
+    ds = T.NpyFolder.write(X, y, tmp_path / "d")
+    x3, y3 = ds[3]
+    assert torch.equal(x3, torch.from_numpy(X[3])) and y3 == y[3] and len(ds) == 10
+    assert T.loader_throughput(ds, 4, 0) > 0
+    with pytest.raises(FileNotFoundError, match="NpyFolder.write"): T.NpyFolder(tmp_path)
