@@ -97,6 +97,7 @@ def test_run_all_reports_the_failing_chapter_and_runs_the_others(tmp_path):
 
 def test_run_one_chapter_prints_verdicts_and_writes_record(notebook_runs):
     # the session fixture ran every chapter through the same runner; check what it wrote for chapter 15
+    if 15 not in notebook_runs["chapters"]: pytest.skip("chapter 15 not selected (DLOPT_CHAPTERS)")
     res = notebook_runs["chapters"][15]
     rec = json.loads(Path(res.record).read_text())
     assert Path(res.notebook).name == "ch15-smoke.ipynb" and rec["seed"] == 0
