@@ -23,7 +23,7 @@ $(STAMP): settings.ini setup.py
 	@touch $(STAMP)
 
 lab: setup  ## open JupyterLab on the course home page
-	DLOPT_PROGRESS=1 $(BIN)/jupyter lab --ip=127.0.0.1 --port=$(PORT) $(ROOT_FLAG) --notebook-dir=nbs index.ipynb
+	cd nbs && DLOPT_PROGRESS=1 ../$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(PORT) $(ROOT_FLAG) index.ipynb
 
 test: setup  ## the whole test suite (also fails when notebooks and library are out of sync)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -q
