@@ -1,0 +1,190 @@
+"""Course tooling for instructors: the student bundle, the grader, the syllabus."""
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from dlopt_labs.course import run_many, written_chapters
+from dlopt_labs.teach import BEGIN, END, exercises, grade, student_bundle, syllabus, strip_solutions
+import conftest
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = str(Path(sys.executable).parent / "dlopt-labs")
+CHAPTERS = sorted(conftest.selected_chapters())
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("b") / "student"
+    r = subprocess.run([CLI, "student", str(out), *map(str, CHAPTERS)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def _solution_lines(nb):
+    """Every non-blank line between the solution markers of the course's notebook."""
+    lines = []
+    for c in nb.cells:
+        inside = False
+        for line in c.source.split("\n"):
+            s = line.strip()
+            if s == BEGIN: inside = True
+            elif s == END: inside = False
+            elif inside and s: lines.append(s)
+    return lines
+
+
+@pytest.mark.parametrize("n", CHAPTERS)
+def test_nothing_of_a_solution_survives(bundle, n):
+    course = nbformat.read(written_chapters()[n]["path"], as_version=4)
+    student = nbformat.read(bundle / Path(written_chapters()[n]["path"]).name, as_version=4)
+    sol = _solution_lines(course)
+    assert sol, "the chapter has solutions to strip"
+    assert len(student.cells) == len(course.cells)
+    for i, cell in enumerate(student.cells):                     # cell by cell
+        lines = {l.strip() for l in cell.source.split("\n")}
+        leaked = [l for l in sol if l in lines]
+        assert not leaked, f"cell {i} of the student chapter {n} still holds solution lines: {leaked}"
+        assert BEGIN not in cell.source and END not in cell.source
+        if cell.cell_type == "code": assert cell.outputs == [] and cell.execution_count is None
+    stubs = [c.source for c in student.cells if "replace this line with your solution" in c.source]
+    assert len(stubs) == len(exercises(n))
+    for e, s in zip(exercises(n), stubs): assert f"exercise {e.n} ({e.title})" in s
+    # everything else is the course's notebook unchanged, the exported library code included
+    same = [i for i, (a, b) in enumerate(zip(course.cells, student.cells)) if a.source != b.source]
+    assert same == [e.cell for e in exercises(n)]
+
+
+def test_bundle_has_data_and_readme_and_refuses_to_overwrite(bundle, tmp_path):
+    assert (bundle / "datasets" / "manifest.json").exists() and (bundle / "README.md").read_text().count(".ipynb") == len(CHAPTERS)
+    r = subprocess.run([CLI, "student", str(bundle)], capture_output=True, text=True)
+    assert r.returncode == 2 and "is not empty" in r.stderr
+    r = subprocess.run([CLI, "student", str(tmp_path / "x"), "99"], capture_output=True, text=True)
+    assert r.returncode == 2 and "there is no chapter 99" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_strip_keeps_indentation_and_rejects_unclosed_markers():
+    src = "def f(x):\n    ### BEGIN SOLUTION\n    return 2 * x\n    ### END SOLUTION\n\ncheck_f(f)"
+    out = strip_solutions(src, "exercise 1 (f)")
+    assert out == 'def f(x):\n    raise NotImplementedError("exercise 1 (f): replace this line with your solution")\n\ncheck_f(f)'
+    compile(out, "cell", "exec")
+    with pytest.raises(ValueError, match="without"): strip_solutions("### BEGIN SOLUTION\nx = 1", "exercise 1")
+
+
+@pytest.fixture(scope="module")
+def student_runs(bundle, tmp_path_factory):
+    """The student bundle of every written chapter, executed end to end by papermill in smoke mode."""
+    import os, papermill as pm, concurrent.futures as cf
+    out = tmp_path_factory.mktemp("student_runs")
+    def one(p):
+        rec = out / f"{p.stem}.json"
+        try:
+            pm.execute_notebook(str(p), str(out / p.name), parameters=dict(MODE="smoke", RESULTS=str(rec)), kernel_name="python3",
+                                cwd=str(bundle), progress_bar=False, log_output=False)
+            return p.stem, None, json.loads(rec.read_text())
+        except pm.PapermillExecutionError as e:
+            return p.stem, f"cell {e.cell_index}: {e.ename}: {e.evalue}", None
+    with cf.ThreadPoolExecutor(2) as ex:
+        return {stem: (err, rec) for stem, err, rec in ex.map(one, sorted(bundle.glob("*.ipynb")))}
+
+
+@pytest.mark.parametrize("n", CHAPTERS)
+def test_student_bundle_runs_end_to_end_and_reports_not_done(student_runs, n):
+    err, rec = student_runs[Path(written_chapters()[n]["path"]).stem]
+    assert err is None, err
+    assert rec["exercises"] and all(e["status"] == "not done" for e in rec["exercises"])
+    assert len(rec["exercises"]) == len(exercises(n))
+    assert {c["key"] for c in rec["claims"]} == set(written_chapters()[n]["claims"]), "every cell before and between the exercises ran"
+
+
+@pytest.fixture(scope="module")
+def submissions(bundle, tmp_path_factory):
+    """One solved, one unsolved and the broken submissions of chapter 15."""
+    d = tmp_path_factory.mktemp("subs")
+    src = written_chapters()[15]["path"]
+    nb = nbformat.read(src, as_version=4)
+    shutil.copy(src, d / "solved.ipynb")
+    shutil.copy(bundle / "15_prune.ipynb", d / "unsolved.ipynb")
+    (d / "invalid_json.ipynb").write_text('{"cells": [ not json')
+    shutil.copy(written_chapters()[29]["path"], d / "wrong_chapter.ipynb")
+    b = copy.deepcopy(nb); i = next(i for i, c in enumerate(b.cells) if "parameters" in c.metadata.get("tags", []))
+    b.cells.insert(i + 2, nbformat.v4.new_code_cell('raise RuntimeError("a planted error")')); nbformat.write(b, d / "cell_raises.ipynb")
+    b = copy.deepcopy(nb)
+    for c in b.cells:
+        if "def select_neurons" in c.source:
+            c.source = c.source.replace("    return weight.abs().sum(1).argsort(descending=True)[:k].sort().values", "    while True: pass")
+            assert "while True" in c.source
+    nbformat.write(b, d / "infinite_loop.ipynb")
+    b = copy.deepcopy(nb)
+    for c in b.cells:
+        if "def mask_smallest" in c.source: c.source = c.source.replace("check_mask_smallest(mask_smallest)", "")
+    nbformat.write(b, d / "deleted_check.ipynb")
+    b = copy.deepcopy(nb)                                  # a learner who "fixes" the check cannot fool the grader
+    for c in b.cells:
+        if "def mask_smallest" in c.source:
+            c.source = c.source.split("### BEGIN SOLUTION")[0] + "    return torch.ones_like(w, dtype=torch.bool)\n\ncheck_mask_smallest = lambda fn: None\ncheck_mask_smallest(mask_smallest)"
+    nbformat.write(b, d / "edited_check.ipynb")
+    return d
+
+
+@pytest.fixture(scope="module")
+def graded(submissions, tmp_path_factory):
+    csv = tmp_path_factory.mktemp("grades") / "scores.csv"
+    r = subprocess.run([CLI, "grade", *sorted(map(str, submissions.glob("*.ipynb"))), "--chapter", "15", "--timeout", "20", "--out", str(csv)],
+                       capture_output=True, text=True, timeout=900)
+    return r, pd.read_csv(csv)
+
+
+def _rows(df, name): return df[df.submission.str.endswith(name)]
+
+
+def test_solved_scores_full_marks_and_unsolved_zero(graded):
+    r, df = graded
+    solved, unsolved = _rows(df, "/solved.ipynb"), _rows(df, "/unsolved.ipynb")
+    assert len(solved) == len(exercises(15)) and (solved.status == "passed").all() and solved.points.sum() == solved.max_points.sum() > 0
+    assert (unsolved.status == "not done").all() and unsolved.points.sum() == 0 and (unsolved.message == "not done yet").all()
+
+
+def test_broken_submissions_get_their_row_and_reason(graded):
+    r, df = graded
+    bad = _rows(df, "/invalid_json.ipynb"); assert len(bad) == 1 and bad.status.iloc[0] == "could not run" and "invalid JSON" in bad.message.iloc[0]
+    wrong = _rows(df, "/wrong_chapter.ipynb"); assert wrong.status.iloc[0] == "could not run" and "this is chapter 29" in wrong.message.iloc[0]
+    raises = _rows(df, "/cell_raises.ipynb"); assert (raises.status == "passed").all() and "RuntimeError: a planted error" in raises.message.iloc[0]
+    loop = _rows(df, "/infinite_loop.ipynb").set_index("exercise")
+    assert loop.loc[1, "status"] == "passed" and loop.loc[2, "status"] == "timed out"
+    deleted = _rows(df, "/deleted_check.ipynb"); assert (deleted.status == "passed").all() and "was deleted" in deleted.message.iloc[0]
+    edited = _rows(df, "/edited_check.ipynb").set_index("exercise"); assert edited.loc[1, "status"] == "failed"
+    assert "entries differ from torch.nn.utils.prune" in edited.loc[1, "message"]
+
+
+def test_grader_prints_a_summary_and_its_exit_status_says_not_all_could_be_graded(graded):
+    r, df = graded
+    assert r.returncode == 1 and "2 of 8 submissions could not be graded" in r.stderr
+    assert "solved.ipynb" in r.stdout and "2/2" in r.stdout and "0/2" in r.stdout
+
+
+def test_grader_exit_status_zero_when_all_graded(submissions):
+    rows, summary = grade([str(submissions / "unsolved.ipynb")], 15, cell_timeout=60, workers=1)
+    assert (summary["could not run"] == 0).all()
+    r = subprocess.run([CLI, "grade", str(submissions / "unsolved.ipynb"), "--chapter", "99"], capture_output=True, text=True)
+    assert r.returncode == 2 and "there is no chapter 99" in r.stderr
+
+
+def test_syllabus_from_metadata_and_records(notebook_runs, tmp_path):
+    out = tmp_path / "syllabus.md"
+    r = subprocess.run([CLI, "syllabus", "--out", str(out), "--records", str(notebook_runs["out"])], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert text.count("### ") == 30 and text.count("— planned") == 30 - len(written_chapters())
+    for n, res in notebook_runs["chapters"].items():
+        block = text.split(f"### {n:02d} · ")[1].split("### ")[0]
+        wall = json.loads(Path(res.record).read_text())["runner"]["wall_s"]
+        assert f"smoke {wall:.0f} s" in block and "full not measured yet" in block
+        assert written_chapters()[n]["subtitle"] in block and "Exercises**: 1." in block
+    assert "如何提高深度学习模型的压缩效率？" in text
