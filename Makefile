@@ -6,30 +6,43 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 TORCH := torch==2.13.0
 CH ?= 15
-MODE ?= full
+MODE ?=
+SITE_PORT ?= 8000
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PORT ?= 8888
 
-.PHONY: setup lab test run bench readme export clean-nbs clean
+.PHONY: setup lab test run bench readme export site serve browser-deps clean
 
 setup: $(STAMP)  ## create .venv and install the pinned CPU torch and everything else (idempotent)
 
-$(STAMP): settings.ini setup.py
+$(STAMP): settings.ini setup.py site/package.json site/package-lock.json
+	@command -v npm >/dev/null || { echo "npm is needed for the site's JavaScript: apt-get install -y nodejs npm"; exit 1; }
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	cd site && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
 	@$(BIN)/python -c "import torch, dlopt_labs; print('set up: torch', torch.__version__, '| dlopt_labs', dlopt_labs.__version__)"
 	@touch $(STAMP)
 
 lab: setup  ## open JupyterLab on the course home page
 	cd nbs && DLOPT_PROGRESS=1 ../$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(PORT) $(ROOT_FLAG) index.ipynb
 
-test: setup  ## the whole test suite (also fails when notebooks and library are out of sync)
+browser-deps:  ## Debian's Chromium and a CJK font, for the browser tests (installed when missing)
+	@command -v chromium >/dev/null && fc-list 2>/dev/null | grep -qi "wenquanyi" || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei >/dev/null; }
+
+test: setup browser-deps  ## the whole test suite (also fails when notebooks and library are out of sync)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -q
 
 run: setup  ## run one chapter: make run CH=15 [MODE=smoke]
-	$(BIN)/dlopt-labs run $(CH) --mode $(MODE)
+	$(BIN)/dlopt-labs run $(CH) --mode $(or $(MODE),full)
+
+site: setup  ## execute every written chapter (MODE=smoke by default, MODE=full for the course) and render _site/
+	OMP_NUM_THREADS=1 $(BIN)/dlopt-labs site --mode $(or $(MODE),smoke)
+
+serve:  ## serve _site/ on 127.0.0.1
+	@test -f _site/index.html || { echo "no _site/ yet: run make site"; exit 1; }
+	$(BIN)/python -m http.server $(SITE_PORT) --bind 127.0.0.1 --directory _site
 
 bench: setup  ## fit()'s overhead over a plain PyTorch loop, measured side by side
 	$(BIN)/python tests/bench_fit.py
@@ -41,4 +54,4 @@ export: setup  ## notebooks -> library, clean notebooks, README
 	$(BIN)/nbdev_export && $(BIN)/nbdev_clean && $(MAKE) -s readme
 
 clean:
-	rm -rf _runs _results
+	rm -rf _runs _results _build _site

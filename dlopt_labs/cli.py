@@ -8,9 +8,9 @@ import argparse, sys, time
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['cmd_student', 'cmd_grade', 'cmd_syllabus', 'cmd_list', 'cmd_run', 'main']
+__all__ = ['cmd_student', 'cmd_grade', 'cmd_site', 'cmd_syllabus', 'cmd_list', 'cmd_run', 'main']
 
-# %% ../nbs/foundations/07_cli.ipynb #0fd76b58
+# %% ../nbs/foundations/07_cli.ipynb #97ce1a36
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlopt-labs", description="Thirty labs on making deep-learning models better, measured on your machine.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -32,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=("smoke", "full"), default="smoke", help="mode the submissions run in (default smoke)")
     g.add_argument("--timeout", type=int, default=120, help="seconds a cell or a check may take (default 120)")
     g.add_argument("--workers", type=int, default=2, help="submissions graded in parallel (default 2)")
+    w = sub.add_parser("site", help="execute every written chapter and render the course site")
+    w.add_argument("--mode", choices=("smoke", "full"), default="smoke", help="mode the chapters run in (default smoke)")
+    w.add_argument("--out", type=Path, default=None, help="site folder (default: _site/)")
+    w.add_argument("--runs", type=Path, default=None, help="reuse executed chapters and records from this folder instead of running them")
+    w.add_argument("--workers", type=int, default=2, help="parallel chapter runs (default 2)")
     y = sub.add_parser("syllabus", help="the syllabus from chapter metadata and the latest results records")
     y.add_argument("--out", type=Path, default=None, help="Markdown file to write (default: print)")
     y.add_argument("--records", type=Path, default=None, help="folder of results records (default: _runs/)")
@@ -55,6 +60,14 @@ def cmd_grade(a) -> int:
     failed = summary[summary["could not run"] > 0]
     if len(failed): print(f"{len(failed)} of {len(summary)} submissions could not be graded", file=sys.stderr)
     return 1 if len(failed) else 0
+
+def cmd_site(a) -> int:
+    import time
+    from dlopt_labs.site import build_site
+    t0 = time.perf_counter()
+    home = build_site(a.out, a.mode, a.runs, a.workers, quiet=True)
+    print(f"site built in {time.perf_counter() - t0:.1f} s: {home}")
+    return 0
 
 def cmd_syllabus(a) -> int:
     from dlopt_labs.teach import syllabus
@@ -110,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "student": return cmd_student(a)
         if a.cmd == "grade": return cmd_grade(a)
         if a.cmd == "syllabus": return cmd_syllabus(a)
+        if a.cmd == "site": return cmd_site(a)
         return cmd_run(a)
-    except (ChapterError, ValueError) as e:
+    except (ChapterError, ValueError, FileNotFoundError) as e:
         print(f"dlopt-labs: error: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:
         print("dlopt-labs: interrupted; no partial outputs were kept", file=sys.stderr); return 130

@@ -12,7 +12,8 @@ from .lab import chapter_meta, MODES
 
 # %% auto #0
 __all__ = ['THEMES', 'CATALOG', 'README_HEADER', 'Entry', 'ChapterError', 'written_chapters', 'resolve', 'chapter_parameters',
-           'parse_params', 'RunResult', 'run_chapter', 'run_many', 'summary_table', 'render_readme', 'write_readme']
+           'parse_params', 'RunResult', 'ipc_kernel_manager', 'run_chapter', 'run_many', 'summary_table',
+           'render_readme', 'write_readme']
 
 # %% ../nbs/foundations/06_course.ipynb #9cc54eb2
 THEMES = {
@@ -127,7 +128,7 @@ def parse_params(pairs: list[str], params: dict, chapter: int) -> dict:
     if "MODE" in out and out["MODE"] not in MODES: raise ChapterError(f"MODE must be one of {MODES}, got {out['MODE']!r}")
     return out
 
-# %% ../nbs/foundations/06_course.ipynb #8e0ca987
+# %% ../nbs/foundations/06_course.ipynb #61ad4a4f
 @dataclass
 class RunResult:
     "What one chapter run produced."
@@ -140,6 +141,21 @@ class RunResult:
     record: str | None = None
     error: str | None = None
     claims: list = field(default_factory=list)
+
+def ipc_kernel_manager():
+    """A kernel manager whose kernels talk over Unix sockets in a private temporary folder instead of TCP ports:
+    kernels started at the same moment by parallel runs cannot pick the same port, and nothing listens on the network."""
+    import tempfile, uuid
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+    class IPCKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _transport_default(self): return "ipc"
+        @default("ip")
+        def _ip_default(self):
+            d = Path(tempfile.gettempdir()) / "dlopt-kernels"; d.mkdir(mode=0o700, exist_ok=True)
+            return str(d / uuid.uuid4().hex)              # the socket files are removed when the kernel shuts down
+    return IPCKernelManager
 
 def _outputs(out: Path, n: int, mode: str):
     stem = f"ch{n:02d}-{mode}"
@@ -164,7 +180,7 @@ def run_chapter(chapter, # chapter number
     t0 = time.perf_counter()
     try:
         pm.execute_notebook(meta["path"], str(nb_tmp), parameters=p, kernel_name=kernel, cwd=str(Path(meta["path"]).parent),
-                            progress_bar=False, log_output=False, execution_timeout=timeout)
+                            progress_bar=False, log_output=False, execution_timeout=timeout, kernel_manager_class=ipc_kernel_manager())
     except pm.PapermillExecutionError as e:
         failed = out / f"ch{entry.number:02d}-{mode}.failed.ipynb"
         if nb_tmp.exists(): os.replace(nb_tmp, failed)

@@ -187,7 +187,7 @@ def exercise(n: int, # exercise number within the chapter
         return run
     return deco
 
-# %% ../nbs/foundations/05_lab.ipynb #b566eaec
+# %% ../nbs/foundations/05_lab.ipynb #df13f908
 def _control(name, default, spec):
     import ipywidgets as W
     desc = dict(description=name, style=dict(description_width="initial"), continuous_update=False)
@@ -204,16 +204,37 @@ def _control(name, default, spec):
         return W.IntSlider(value=default, min=lo, max=hi, step=step, **desc)
     return W.FloatSlider(value=float(default), min=lo, max=hi, step=step, readout_format=".3g", **desc)
 
+def _try_it_class():
+    import ipywidgets as W
+    class TryIt(W.VBox):
+        "The widget `try_it` returns: controls, each slider with a number box linked to it in the browser, and the output."
+        @property
+        def result(self): return self._state.get("result")
+    return TryIt
+
 def try_it(fn, # the function the widget drives; its keyword arguments are the controls
            defaults: dict, # each control's starting value (from the parameters cell)
            ranges: dict | None = None, # (min, max, step) for numbers, a list of options for strings
           ):
-    "An interactive widget over `fn`; `widget.result` holds the last return value."
+    "An interactive widget over `fn`; `widget.result` holds the last return value, `widget.controls` the controls."
     import ipywidgets as W
+    from IPython.display import display
     ranges = ranges or {}
     controls = {k: _control(k, v, ranges.get(k)) for k, v in defaults.items()}
-    w = W.interactive(fn, **controls)
-    w.controls = controls
+    state = {}
+    def call(**kw):
+        state["result"] = fn(**kw)
+        if state["result"] is not None: display(state["result"])
+    out = W.interactive_output(call, controls)
+    rows = []
+    for c in controls.values():
+        if isinstance(c, (W.IntSlider, W.FloatSlider)):
+            box = (W.IntText if isinstance(c, W.IntSlider) else W.FloatText)(value=c.value, step=c.step, layout=W.Layout(width="7em"))
+            W.jslink((c, "value"), (box, "value"))      # linked in the browser: works on the static site too
+            rows.append(W.HBox([c, box]))
+        else: rows.append(c)
+    w = _try_it_class()(rows + [out])
+    w._state, w.controls, w.output = state, controls, out
     return w
 
 # %% ../nbs/foundations/05_lab.ipynb #986067a6

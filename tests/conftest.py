@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("DLOPT_PROGRESS", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 WORKERS = int(os.environ.get("DLOPT_TEST_WORKERS", "2"))
+CELL_TIMEOUT = 300          # a cell stuck this long fails its notebook instead of stalling the suite
 
 
 def _execute_foundation(args):
@@ -20,8 +21,9 @@ def _execute_foundation(args):
     path, out = args
     t0 = time.perf_counter()
     try:
-        pm.execute_notebook(str(path), str(out), kernel_name="python3", cwd=str(path.parent),
-                            progress_bar=False, log_output=False)
+        from dlopt_labs.course import ipc_kernel_manager
+        pm.execute_notebook(str(path), str(out), kernel_name="python3", cwd=str(path.parent), execution_timeout=CELL_TIMEOUT,
+                            progress_bar=False, log_output=False, kernel_manager_class=ipc_kernel_manager())
         return path.name, None, time.perf_counter() - t0
     except pm.PapermillExecutionError as e:
         return path.name, f"cell {e.cell_index}: {e.ename}: {e.evalue}", time.perf_counter() - t0
@@ -53,7 +55,7 @@ def notebook_runs(tmp_path_factory):
     with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
         # the foundations run beside the chapter pool, which takes WORKERS - 1 ... so both cores stay busy
         fut = ex.submit(_run_foundations, [(p, out / p.name) for p in foundation_notebooks()])
-        chapter_results = run_many(chapters, "smoke", out, workers=max(1, WORKERS - 1), progress=False)
+        chapter_results = run_many(chapters, "smoke", out, workers=max(1, WORKERS - 1), progress=False, timeout=CELL_TIMEOUT)
         foundations = fut.result()
     wall = time.perf_counter() - t0
     return dict(chapters={r.chapter: r for r in chapter_results}, foundations=foundations, out=out, wall=wall)
@@ -78,3 +80,40 @@ def pytest_terminal_summary(terminalreporter):
     tr.section("chapter smoke runs (wall seconds, kernel start included, run two at a time)")
     for n, (title, secs, budget) in sorted(_TIMES.items()):
         tr.write_line(f"  ch{n:02d} {title:<32} {secs:6.1f} s   budget {budget} s")
+
+
+# browser ------------------------------------------------------------------------------------------
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+ARTIFACTS = Path(os.environ.get("DLOPT_ARTIFACTS", ROOT / "_artifacts"))
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium driven by Playwright (no browser download)."""
+    import shutil
+    from playwright.sync_api import sync_playwright
+    exe = shutil.which("chromium")
+    assert exe, "Chromium is not installed: run `make browser-deps` (apt-get install -y chromium fonts-wqy-microhei)"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS)
+        yield b
+        b.close()
+
+
+class Visit:
+    """A page opened with every request outside 127.0.0.1 counted and aborted, and console errors collected."""
+    def __init__(self, browser, url):
+        self.page = browser.new_page(viewport={"width": 1280, "height": 900})
+        self.external, self.console_errors, self.failed = [], [], []
+        def route(r):
+            u = r.request.url
+            if u.startswith(("http://127.0.0.1", "data:", "blob:")): r.continue_()
+            else: self.external.append(u); r.abort()
+        self.page.route("**/*", route)
+        self.page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.console_errors.append(str(e)))
+        self.page.on("requestfailed", lambda r: self.failed.append(r.url))
+        self.response = self.page.goto(url, wait_until="networkidle")
+    def close(self): self.page.close()

@@ -85,8 +85,10 @@ def student_runs(bundle, tmp_path_factory):
     def one(p):
         rec = out / f"{p.stem}.json"
         try:
+            from dlopt_labs.course import ipc_kernel_manager
             pm.execute_notebook(str(p), str(out / p.name), parameters=dict(MODE="smoke", RESULTS=str(rec)), kernel_name="python3",
-                                cwd=str(bundle), progress_bar=False, log_output=False)
+                                cwd=str(bundle), progress_bar=False, log_output=False, execution_timeout=conftest.CELL_TIMEOUT,
+                                kernel_manager_class=ipc_kernel_manager())
             return p.stem, None, json.loads(rec.read_text())
         except pm.PapermillExecutionError as e:
             return p.stem, f"cell {e.cell_index}: {e.ename}: {e.evalue}", None

@@ -1,0 +1,71 @@
+"""A learner's path in JupyterLab: open a chapter, run all cells, wait for the widget, change a control, see the output change."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from conftest import ARTIFACTS, ROOT, Visit
+
+JUPYTER = str(Path(sys.executable).parent / "jupyter")
+
+
+def _free_port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """jupyter lab on 127.0.0.1 over a copy of chapter 15 (smoke mode, so the run is short); stopped by pid at the end."""
+    nb = nbformat.read(ROOT / "nbs" / "efficient" / "15_prune.ipynb", as_version=4)
+    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    params.source = params.source.replace('MODE = "full"', 'MODE = "smoke"', 1)
+    nbformat.write(nb, tmp_path / "15_prune.ipynb")
+    port = _free_port()
+    log = open(tmp_path / "lab.log", "w")
+    env = dict(os.environ, DLOPT_PROGRESS="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([JUPYTER, "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}", "--allow-root",
+                             "--IdentityProvider.token=", "--ServerApp.password=", f"--ServerApp.root_dir={tmp_path}",
+                             "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+                             "--LabApp.expose_app_in_browser=True"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/api/status", timeout=1); break
+            except OSError: time.sleep(0.5)
+        else: raise AssertionError("jupyter lab did not start:\n" + (tmp_path / "lab.log").read_text()[-2000:])
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)               # by pid (its process group: the server and its kernels)
+        try: proc.wait(timeout=20)
+        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+        log.close()
+
+
+def test_run_all_then_change_a_control_in_jupyterlab(lab, browser):
+    v = Visit(browser, f"{lab}/lab/tree/15_prune.ipynb")
+    page = v.page
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60000)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], .jp-DebuggerBugButton", timeout=60000)
+    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.commands.isEnabled('notebook:run-all-cells')", timeout=60000)
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")     # Run > Run All Cells
+    dropdown = page.locator(".jp-OutputArea .widget-dropdown select").first
+    dropdown.wait_for(state="visible", timeout=120000)
+    out = page.locator(".jp-OutputArea .widget-vbox .widget-output").first
+    page.wait_for_function("el => el.innerText.includes('pruned')", arg=out.element_handle(), timeout=60000)
+    before = out.inner_text()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    dropdown.scroll_into_view_if_needed(); page.screenshot(path=str(ARTIFACTS / "jupyterlab-widget.png"))
+    dropdown.select_option("layer")                       # the scope control: the kernel prunes again
+    page.wait_for_function("([el, b]) => el.innerText.includes('pruned') && el.innerText !== b", arg=[out.element_handle(), before], timeout=60000)
+    assert out.inner_text() != before
+    v.close()
