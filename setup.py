@@ -16,7 +16,7 @@ setuptools.setup(
     version=cfg['version'],
     license=lic[0],
     classifiers=['Development Status :: 3 - Alpha', 'Intended Audience :: Education',
-                 'License :: ' + lic[1], 'Natural Language :: English',
+                 'Natural Language :: English',
                  'Programming Language :: Python :: 3'],
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=['dlopt_labs', 'dlopt_labs.*']),
