@@ -105,12 +105,15 @@ def layer_sensitivity(model: nn.Module, # trained model
             rows.append(dict(layer=name, n_weights=w.numel(), sparsity=s, acc=evaluate(m, dl)["acc"]))
     return pd.DataFrame(rows)
 
-# %% ../../nbs/efficient/15_prune.ipynb #ba087bbf
+# %% ../../nbs/efficient/15_prune.ipynb #afec65b3
 def sparse_size_bytes(model: nn.Module) -> int:
     "Serialized size with every prunable weight stored as a CSR sparse tensor (values + indices)."
+    import warnings
     sd = {k: v for k, v in model.state_dict().items()}
-    for name, w in prunable(model).items():
-        sd[name] = w.detach().reshape(w.shape[0], -1).to_sparse_csr()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        for name, w in prunable(model).items():
+            sd[name] = w.detach().reshape(w.shape[0], -1).to_sparse_csr()
     return model_size_bytes(sd)
 
 def neuron_order(weight: torch.Tensor) -> torch.Tensor:
