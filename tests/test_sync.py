@@ -29,19 +29,21 @@ def _diff(a: Path, b: Path):
     return out
 
 
-def test_library_is_exported_from_the_notebooks(tmp_path):
+def _changes_made_by(tool, tree, tmp_path):
+    """Run an nbdev tool on a copy of the repository; list what it changed in `tree`."""
     _copy(tmp_path)
-    r = subprocess.run([str(BIN / "nbdev_export")], cwd=tmp_path, capture_output=True, text=True)
+    r = subprocess.run([str(BIN / tool)], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    problems = _diff(ROOT / "dlopt_labs", tmp_path / "dlopt_labs")
+    return _diff(ROOT / tree, tmp_path / tree)
+
+
+def test_library_is_exported_from_the_notebooks(tmp_path):
+    problems = _changes_made_by("nbdev_export", "dlopt_labs", tmp_path)
     assert not problems, "dlopt_labs/ is out of sync with nbs/: run `make export` (nbdev_export) and commit both\n" + "\n".join(problems)
 
 
 def test_notebooks_are_clean(tmp_path):
-    _copy(tmp_path)
-    r = subprocess.run([str(BIN / "nbdev_clean")], cwd=tmp_path, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    problems = _diff(ROOT / "nbs", tmp_path / "nbs")
+    problems = _changes_made_by("nbdev_clean", "nbs", tmp_path)
     assert not problems, "notebooks are not cleaned: run `make export` (nbdev_clean) and commit\n" + "\n".join(problems)
 
 
