@@ -202,7 +202,7 @@ def run_chapter(chapter, # chapter number
     return RunResult(entry.number, entry.title, mode, True, secs, str(nb_final), str(rec_final), None,
                      [dict(key=c["key"], claim=c["claim"], verdict=c["verdict"]) for c in rec["claims"]])
 
-# %% ../nbs/foundations/06_course.ipynb #0decbafd
+# %% ../nbs/foundations/06_course.ipynb #0b910c8e
 def _worker(args):
     chapter, mode, params, out, timeout = args
     try: return run_chapter(chapter, mode, params, out, timeout=timeout)
@@ -222,8 +222,7 @@ def run_many(chapters: list, # chapter numbers
     from tqdm.auto import tqdm
     for c in chapters: resolve(c)               # fail before any kernel starts
     env = dict(os.environ)
-    os.environ.setdefault("OMP_NUM_THREADS", "1" if workers > 1 else env.get("OMP_NUM_THREADS", ""))
-    if not os.environ["OMP_NUM_THREADS"]: del os.environ["OMP_NUM_THREADS"]
+    if workers > 1: os.environ.setdefault("OMP_NUM_THREADS", "1")   # kernels inherit it
     os.environ.setdefault("DLOPT_PROGRESS", "0")
     results = []
     try:
