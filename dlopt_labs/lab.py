@@ -237,11 +237,12 @@ def try_it(fn, # the function the widget drives; its keyword arguments are the c
     w._state, w.controls, w.output = state, controls, out
     return w
 
-# %% ../nbs/foundations/05_lab.ipynb #986067a6
-def chapter_meta(nb_path: str | Path) -> dict | None:
+# %% ../nbs/foundations/05_lab.ipynb #984b2362
+def chapter_meta(nb_path, # a notebook's path, or a notebook already read (dict or NotebookNode)
+                ) -> dict | None:
     "The front matter of a notebook with its title and subtitle, or None if it is not a chapter."
     import yaml
-    nb = json.loads(Path(nb_path).read_text(encoding="utf-8"))
+    nb = nb_path if isinstance(nb_path, dict) else json.loads(Path(nb_path).read_text(encoding="utf-8"))
     meta, title, subtitle = {}, None, None
     for cell in nb["cells"][:3]:
         src = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
@@ -251,5 +252,5 @@ def chapter_meta(nb_path: str | Path) -> dict | None:
             m = re.search(r"^#\s+(.+)$", src, re.M); title = m.group(1).strip() if m else None
             m = re.search(r"^>\s*(.+)$", src, re.M); subtitle = m.group(1).strip() if m else None
     if "chapter" not in meta: return None
-    meta.update(title=title, subtitle=subtitle, path=str(nb_path))
+    meta.update(title=title, subtitle=subtitle, path=None if isinstance(nb_path, dict) else str(nb_path))
     return meta

@@ -117,7 +117,7 @@ def student_bundle(out_dir: str | Path, # where to write the bundle (created; mu
         shutil.rmtree(tmp, ignore_errors=True); raise
     return [out / p for p in paths]
 
-# %% ../nbs/foundations/08_teach.ipynb #3801e183
+# %% ../nbs/foundations/08_teach.ipynb #2e8fe972
 GRADE_MARK = "DLOPT-GRADE "
 STATUSES = ("passed", "failed", "not done", "timed out", "could not run")
 
@@ -150,9 +150,7 @@ print({GRADE_MARK!r} + _json.dumps(_asdict(_res)))'''
 
 def _chapter_of(nb) -> int | None:
     from dlopt_labs.lab import chapter_meta
-    with tempfile.NamedTemporaryFile("w", suffix=".ipynb", delete=False) as f: nbformat.write(nb, f); name = f.name
-    try: m = chapter_meta(name)
-    finally: os.unlink(name)
+    m = chapter_meta(nb)
     return int(m["chapter"]) if m else None
 
 # %% ../nbs/foundations/08_teach.ipynb #7e46529a

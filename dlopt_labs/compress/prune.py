@@ -18,7 +18,7 @@ __all__ = ['prunable', 'magnitude_masks', 'random_masks', 'apply_masks', 'weight
            'layer_sensitivity', 'sparse_size_bytes', 'neuron_order', 'prune_neurons', 'try_pruning',
            'check_mask_smallest', 'check_select_neurons']
 
-# %% ../../nbs/efficient/15_prune.ipynb #f9f922a4
+# %% ../../nbs/efficient/15_prune.ipynb #8ded4478
 def prunable(model: nn.Module) -> dict[str, nn.Parameter]:
     "The weights pruning acts on: the `weight` of every Linear and Conv layer, by qualified name."
     return {f"{n}.weight": m.weight for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))}
@@ -37,10 +37,13 @@ def magnitude_masks(model: nn.Module, # the trained model
         return {n: _smallest_mask(w.detach(), sparsity) for n, w in params.items()}
     if scope != "global": raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
     flat = torch.cat([w.detach().abs().flatten() for w in params.values()])
-    keep = _smallest_mask(flat, sparsity)
+    return _per_layer(_smallest_mask(flat, sparsity), params)
+
+def _per_layer(keep: torch.Tensor, params: dict) -> dict[str, torch.Tensor]:
+    "Split one flat mask over all prunable weights into a mask per weight, in order."
     out, i = {}, 0
     for n, w in params.items():
-        out[n] = keep[i:i + w.numel()].view_as(w); i += w.numel()
+        out[n] = keep[i:i + w.numel()].view_as(w).to(w.device); i += w.numel()
     return out
 
 def _smallest_mask(w: torch.Tensor, frac: float) -> torch.Tensor:
@@ -55,10 +58,7 @@ def random_masks(model: nn.Module, sparsity: float, seed: int = 0) -> dict[str, 
     params = prunable(model); n = sum(w.numel() for w in params.values())
     g = torch.Generator().manual_seed(seed)
     keep = torch.ones(n, dtype=torch.bool); keep[torch.randperm(n, generator=g)[:round(sparsity * n)]] = False
-    out, i = {}, 0
-    for name, w in params.items():
-        out[name] = keep[i:i + w.numel()].view_as(w).to(w.device); i += w.numel()
-    return out
+    return _per_layer(keep, params)
 
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
