@@ -128,7 +128,7 @@ def parse_params(pairs: list[str], params: dict, chapter: int) -> dict:
     if "MODE" in out and out["MODE"] not in MODES: raise ChapterError(f"MODE must be one of {MODES}, got {out['MODE']!r}")
     return out
 
-# %% ../nbs/foundations/06_course.ipynb #61ad4a4f
+# %% ../nbs/foundations/06_course.ipynb #57bb9923
 @dataclass
 class RunResult:
     "What one chapter run produced."
@@ -141,6 +141,7 @@ class RunResult:
     record: str | None = None
     error: str | None = None
     claims: list = field(default_factory=list)
+    attempts: int = 1
 
 def ipc_kernel_manager():
     """A kernel manager whose kernels talk over Unix sockets in a private temporary folder instead of TCP ports:
@@ -167,8 +168,16 @@ def run_chapter(chapter, # chapter number
                 out: str | Path | None = None, # output folder (default: _runs/ in the course root)
                 kernel: str = "python3", # Jupyter kernel name
                 timeout: int | None = None, # per-cell time limit in seconds
+                retries: int = 0, # run again this many times when a cell hits the time limit (the result says so)
                ) -> RunResult:
     "Execute one chapter with papermill; write its executed notebook and results record into `out`."
+    for attempt in range(1, retries + 2):
+        r = _run_once(chapter, mode, params, out, kernel, timeout)
+        r.attempts = attempt
+        if r.ok or not (r.error or "").startswith("CellTimeoutError"): return r
+    return r
+
+def _run_once(chapter, mode, params, out, kernel, timeout) -> RunResult:
     import papermill as pm
     if mode not in MODES: raise ChapterError(f"mode must be one of {MODES}, got {mode!r}")
     entry, meta = resolve(chapter)
@@ -202,10 +211,10 @@ def run_chapter(chapter, # chapter number
     return RunResult(entry.number, entry.title, mode, True, secs, str(nb_final), str(rec_final), None,
                      [dict(key=c["key"], claim=c["claim"], verdict=c["verdict"]) for c in rec["claims"]])
 
-# %% ../nbs/foundations/06_course.ipynb #0b910c8e
+# %% ../nbs/foundations/06_course.ipynb #a095ea4d
 def _worker(args):
-    chapter, mode, params, out, timeout = args
-    try: return run_chapter(chapter, mode, params, out, timeout=timeout)
+    chapter, mode, params, out, timeout, retries = args
+    try: return run_chapter(chapter, mode, params, out, timeout=timeout, retries=retries)
     except Exception as e:
         return RunResult(int(chapter), CATALOG[int(chapter) - 1].title, mode, False, 0.0, error=f"{type(e).__name__}: {e}")
 
@@ -216,6 +225,7 @@ def run_many(chapters: list, # chapter numbers
              timeout: int | None = None, # per-cell time limit in seconds
              progress: bool = True, # show a progress bar
              params: dict | None = None, # parameter values given to every chapter
+             retries: int = 0, # reruns of a chapter whose cell hit the time limit
             ) -> list[RunResult]:
     "Run several chapters in parallel; results in chapter order."
     import concurrent.futures as cf, multiprocessing as mp
@@ -227,7 +237,7 @@ def run_many(chapters: list, # chapter numbers
     results = []
     try:
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
-            futs = [ex.submit(_worker, (c, mode, dict(params or {}), out, timeout)) for c in chapters]
+            futs = [ex.submit(_worker, (c, mode, dict(params or {}), out, timeout, retries)) for c in chapters]
             for f in tqdm(cf.as_completed(futs), total=len(futs), desc=f"chapters ({mode})", disable=not progress):
                 results.append(f.result())
     finally:
@@ -242,7 +252,7 @@ def summary_table(results: list[RunResult]):
         v = [c["verdict"] for c in r.claims]
         rows.append(dict(chapter=r.chapter, title=r.title, mode=r.mode, status="ok" if r.ok else "FAILED",
                          seconds=round(r.seconds, 1), holds=v.count("holds"), fails=v.count("fails"),
-                         depends=v.count("depends"), error=r.error or ""))
+                         depends=v.count("depends"), attempts=r.attempts, error=r.error or ""))
     return pd.DataFrame(rows)
 
 # %% ../nbs/foundations/06_course.ipynb #19b98ffc

@@ -62,8 +62,8 @@ def test_throughput_widget_drives_the_same_configuration():
 def reruns(tmp_path_factory, notebook_runs):
     from dlopt_labs.course import run_many
     if not {15, 29} <= set(notebook_runs["chapters"]): pytest.skip("chapters 15 and 29 not selected (DLOPT_CHAPTERS)")
-    same = run_many([15, 29], "smoke", tmp_path_factory.mktemp("same"), workers=2, progress=False, timeout=300)
-    other = run_many([15, 29], "smoke", tmp_path_factory.mktemp("other"), workers=2, progress=False, params=dict(SEED=1), timeout=300)
+    same = run_many([15, 29], "smoke", tmp_path_factory.mktemp("same"), workers=2, progress=False, timeout=120, retries=1)
+    other = run_many([15, 29], "smoke", tmp_path_factory.mktemp("other"), workers=2, progress=False, params=dict(SEED=1), timeout=120, retries=1)
     return {r.chapter: r for r in same}, {r.chapter: r for r in other}
 
 
