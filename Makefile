@@ -48,7 +48,7 @@ bench: setup  ## fit()'s overhead over a plain PyTorch loop, measured side by si
 	$(BIN)/python tests/bench_fit.py
 
 readme: setup  ## regenerate README.md from nbs/index.ipynb
-	$(BIN)/python -c "from dlopt_labs.course import write_readme; write_readme()"
+	$(BIN)/python -c "from dlopt_labs.course.site import write_readme; write_readme()"
 
 export: setup  ## notebooks -> library, clean notebooks, README
 	$(BIN)/nbdev_export && $(BIN)/nbdev_clean && $(MAKE) -s readme

@@ -4,14 +4,16 @@
 
 # %% ../nbs/foundations/00_core.ipynb #798257db
 from __future__ import annotations
-import os, random, platform, subprocess, sys
+import os, random, platform, shutil, subprocess, uuid
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['seed_everything', 'seed_worker', 'course_root', 'get_device', 'set_threads', 'git_revision', 'env_fingerprint']
+__all__ = ['seed_everything', 'seed_worker', 'course_root', 'atomic_path', 'get_device', 'set_threads', 'cpu_info',
+           'git_revision', 'env_fingerprint']
 
 # %% ../nbs/foundations/00_core.ipynb #fe88a4de
 def seed_everything(seed: int = 0, # the one seed every generator is derived from
@@ -43,6 +45,27 @@ def course_root() -> Path:
     import dlopt_labs
     return Path(dlopt_labs.__file__).resolve().parent.parent
 
+# %% ../nbs/foundations/00_core.ipynb #89336e95
+def _remove(p: Path):
+    if p.is_dir() and not p.is_symlink(): shutil.rmtree(p, ignore_errors=True)
+    else: p.unlink(missing_ok=True)
+
+@contextmanager
+def atomic_path(path: str | Path): # the file or folder to write
+    """Yield a temporary path beside `path`; when the block ends without error, move it into place (replacing a file or
+    a folder already there), else remove it. Write to the yielded path, never to `path` itself."""
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        if not tmp.exists(): raise FileNotFoundError(f"atomic_path: nothing was written to {tmp} for {path}")
+        if tmp.is_dir() and path.exists():
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(path, old); os.replace(tmp, path); _remove(old)
+        else: os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp); raise
+
 # %% ../nbs/foundations/00_core.ipynb #c35798ac
 def get_device(prefer: str | None = None) -> torch.device: # "cuda", "cpu" or None for the best available
     "The device chapters run on: CUDA when present (or when asked), else CPU."
@@ -63,7 +86,8 @@ def set_threads(n: int | None = None) -> int: # intra-op threads; None: keep tor
 _PKGS = ("torch", "numpy", "pandas", "scikit-learn", "seaborn", "matplotlib", "ipywidgets", "papermill", "nbdev")
 _CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "neon", "asimd")
 
-def _cpu_info() -> dict:
+def cpu_info() -> dict:
+    "CPU model, logical cores and the instruction-set flags that matter for speed (AVX-512, bf16, AMX, NEON), from /proc/cpuinfo."
     model, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -97,5 +121,5 @@ def env_fingerprint() -> dict:
         p = torch.cuda.get_device_properties(0)
         gpu = dict(name=p.name, memory_gib=round(p.total_memory / 2**30, 1), count=torch.cuda.device_count(), cuda=torch.version.cuda)
     return dict(python=platform.python_version(), platform=platform.platform(), versions=versions,
-                cpu=_cpu_info(), torch_threads=torch.get_num_threads(),
+                cpu=cpu_info(), torch_threads=torch.get_num_threads(),
                 omp_num_threads=os.environ.get("OMP_NUM_THREADS"), gpu=gpu, git=git_revision())

@@ -1,0 +1,25 @@
+# Sphinx configuration of the course site: copied into the build by dlopt_labs.course.site.build_site
+project = "dlopt-labs"
+author = "dlopt-labs team"
+copyright = "2026, dlopt-labs team"
+extensions = ["myst_nb", "sphinx.ext.autodoc"]
+root_doc = "index"
+exclude_patterns = ["_build", "**/.ipynb_checkpoints"]
+nb_execution_mode = "off"
+nb_merge_streams = True
+myst_enable_extensions = ["dollarmath", "amsmath"]
+mathjax_path = "mathjax/tex-chtml.js"
+nb_ipywidgets_js = {"require.js": {}, "widgets-config.js": {}, "widgets/embed-amd.js": {"data-jupyter-widgets-cdn": "_static/widgets/", "data-jupyter-widgets-cdn-only": ""}}
+html_theme = "sphinx_book_theme"
+html_title = "dlopt-labs"
+html_static_path = ["_static"]
+html_css_files = ["dlopt.css"]
+html_js_files = [("mathjax-v2-shim.js", {"priority": 600})]
+smartquotes = False
+html_favicon = "_static/favicon.svg"
+html_search_language = "zh"
+html_theme_options = {"show_toc_level": 2, "navigation_with_keys": False, "use_download_button": False, "use_fullscreen_button": False}
+html_last_updated_fmt = None
+html_context = {"default_mode": "light"}
+autodoc_member_order = "bysource"
+suppress_warnings = ["myst.header", "mystnb.unknown_mime_type", "misc.highlighting_failure"]
