@@ -50,8 +50,8 @@ bench: setup  ## fit()'s overhead over a plain PyTorch loop, measured side by si
 readme: setup  ## regenerate README.md from nbs/index.ipynb
 	$(BIN)/python -c "from dlopt_labs.course.site import write_readme; write_readme()"
 
-export: setup  ## notebooks -> library, clean notebooks, README
-	$(BIN)/nbdev_export && $(BIN)/nbdev_clean && $(MAKE) -s readme
+export: setup  ## notebooks -> library, clean notebooks, README, _quarto.yml
+	$(BIN)/nbdev_export && $(BIN)/nbdev_clean && $(MAKE) -s readme && $(BIN)/python -c "from dlopt_labs.course.chapters import write_quarto; write_quarto()"
 
 clean:
 	rm -rf _runs _results _build _site

@@ -22,7 +22,7 @@ def _execute_foundation(args):
     path, out = args
     t0 = time.perf_counter()
     try:
-        from dlopt_labs.course import ipc_kernel_manager
+        from dlopt_labs.course.runner import ipc_kernel_manager
         pm.execute_notebook(str(path), str(out), kernel_name="python3", cwd=str(path.parent), execution_timeout=CELL_TIMEOUT,
                             progress_bar=False, log_output=False, kernel_manager_class=ipc_kernel_manager())
         return path.name, None, time.perf_counter() - t0
@@ -32,7 +32,7 @@ def _execute_foundation(args):
 
 def selected_chapters():
     """Written chapters, or only those in DLOPT_CHAPTERS (e.g. DLOPT_CHAPTERS=15,29) to test a few."""
-    from dlopt_labs.course import written_chapters
+    from dlopt_labs.course.chapters import written_chapters
     found = written_chapters()
     only = os.environ.get("DLOPT_CHAPTERS")
     if only:
@@ -49,7 +49,7 @@ def foundation_notebooks():
 @pytest.fixture(scope="session")
 def notebook_runs(tmp_path_factory):
     """Execute every written chapter (smoke mode, through the course runner) and every foundation notebook."""
-    from dlopt_labs.course import run_many
+    from dlopt_labs.course.runner import run_many
     out = tmp_path_factory.mktemp("runs")
     chapters = sorted(selected_chapters())
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Each chapter's from-scratch code, cross-checked against the well-kept reference named in CHAPTERS.md."""
+"""Each chapter's from-scratch code, cross-checked against the well-kept reference named in its catalog entry (`dlopt_labs.catalog`)."""
 import copy
 import math
 
@@ -11,7 +11,7 @@ import torch.nn.utils.prune as tprune
 
 from dlopt_labs.models import MLP, SmallCNN
 from dlopt_labs.measure import time_it
-from dlopt_labs.compress import prune as P
+from dlopt_labs.efficient import prune as P
 from dlopt_labs.reliable import calibrate as C
 from dlopt_labs.speed import throughput as T
 

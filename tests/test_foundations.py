@@ -317,8 +317,9 @@ def test_try_it_controls_follow_defaults_and_drive_the_function():
     with pytest.raises(ValueError, match=r"\(min, max, step\)"): lab.try_it(f, dict(x=2))
 
 
-def test_chapter_meta_reads_front_matter():
-    from dlopt_labs.course import written_chapters
-    m = written_chapters()[15]
-    assert m["chapter"] == 15 and m["title"].startswith("15") and m["subtitle"] == "如何提高深度学习模型的压缩效率？"
-    assert lab.chapter_meta(core.course_root() / "nbs" / "foundations" / "00_core.ipynb") is None
+def test_front_matter_is_read_into_the_chapter_record():
+    from dlopt_labs.course.chapters import written_chapters, read_chapter
+    ch = written_chapters()[15]
+    assert ch.number == 15 and ch.heading == "15 · Pruning" and ch.subtitle == "如何提高深度学习模型的压缩效率？"
+    assert ch.title == "Pruning" and ch.module == "dlopt_labs.efficient.prune" and ch.exercises >= 2
+    assert read_chapter(core.course_root() / "nbs" / "foundations" / "00_core.ipynb") is None

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ARTIFACTS, ROOT, Visit
-from dlopt_labs.course import written_chapters
+from dlopt_labs.course.chapters import written_chapters
 
 CLI = str(Path(sys.executable).parent / "dlopt-labs")
 
@@ -47,7 +47,7 @@ def server(site):
 
 
 def _chapter_pages():
-    return {n: Path(m["path"]).relative_to(ROOT / "nbs").with_suffix(".html").as_posix() for n, m in written_chapters().items()}
+    return {n: m.path.relative_to(ROOT / "nbs").with_suffix(".html").as_posix() for n, m in written_chapters().items()}
 
 
 def test_site_builds_offline_without_warnings(site):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from dlopt_labs.course import CATALOG, THEMES, render_readme, written_chapters
+from dlopt_labs.course.chapters import quarto_config, written_chapters
+from dlopt_labs.course.site import render_readme
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -50,8 +51,8 @@ def test_notebooks_are_clean(tmp_path):
 def test_parameters_tag_survives_cleaning():
     import nbformat
     for m in written_chapters().values():
-        nb = nbformat.read(m["path"], as_version=4)
-        assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells), m["path"]
+        nb = nbformat.read(m.path, as_version=4)
+        assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells), m.path
 
 
 def test_readme_is_generated_from_index():
@@ -63,15 +64,22 @@ def test_readme_has_the_two_commands():
     assert "make lab" in text and "make test" in text
 
 
-def test_quarto_navigation_lists_every_written_chapter_under_its_theme():
-    cfg = yaml.safe_load((ROOT / "_quarto.yml").read_text(encoding="utf-8"))
-    sections = {s["section"]: s["contents"] for s in cfg["website"]["sidebar"]["contents"] if isinstance(s, dict)}
-    listed = {}
-    for title, items in sections.items():
-        for item in items:
-            listed[Path(item).resolve() if Path(item).is_absolute() else (ROOT / item).resolve()] = title
-    for n, m in written_chapters().items():
-        p = Path(m["path"]).resolve()
-        assert p in listed, f"chapter {n} ({p}) is missing from _quarto.yml"
-        assert listed[p] == THEMES[CATALOG[n - 1].theme], f"chapter {n} is listed under {listed[p]!r}"
-    for p in listed: assert p.exists(), f"_quarto.yml lists {p}, which does not exist"
+def test_quarto_yml_is_generated_from_the_catalog():
+    """The site navigation lists every written notebook (chapters under their theme, foundations, tooling): generated, never typed."""
+    assert (ROOT / "_quarto.yml").read_text(encoding="utf-8") == quarto_config(), "_quarto.yml is stale: run `make export`"
+    cfg = yaml.safe_load(quarto_config())
+    listed = [p for s in cfg["website"]["sidebar"]["contents"] for p in ([s] if isinstance(s, str) else s["contents"])]
+    on_disk = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "nbs").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+    assert sorted(listed) == on_disk, set(listed) ^ set(on_disk)
+
+
+def test_the_project_refers_to_no_file_outside_it():
+    """Nothing a user of the repository gets points at the team's own planning documents, which they do not have."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    bad = []
+    for name in tracked:
+        if name.endswith((".txt", ".lock", ".png", ".json")) and not name.endswith(".ipynb"): continue
+        text = (ROOT / name).read_text(encoding="utf-8", errors="ignore")
+        for needle in ("DESIGN.md", "CHAPTERS.md", "../shared", "STYLE.md"):
+            if needle in text and name != "tests/test_sync.py": bad.append(f"{name}: {needle}")
+    assert not bad, bad

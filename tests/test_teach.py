@@ -10,8 +10,9 @@ import nbformat
 import pandas as pd
 import pytest
 
-from dlopt_labs.course import run_many, written_chapters
-from dlopt_labs.teach import BEGIN, END, exercises, grade, student_bundle, syllabus, strip_solutions
+from dlopt_labs.course.runner import run_many
+from dlopt_labs.course.chapters import written_chapters
+from dlopt_labs.course.teach import BEGIN, END, exercises, grade, student_bundle, syllabus, strip_solutions
 import conftest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,8 +43,8 @@ def _solution_lines(nb):
 
 @pytest.mark.parametrize("n", CHAPTERS)
 def test_nothing_of_a_solution_survives(bundle, n):
-    course = nbformat.read(written_chapters()[n]["path"], as_version=4)
-    student = nbformat.read(bundle / Path(written_chapters()[n]["path"]).name, as_version=4)
+    course = nbformat.read(written_chapters()[n].path, as_version=4)
+    student = nbformat.read(bundle / Path(written_chapters()[n].path).name, as_version=4)
     sol = _solution_lines(course)
     assert sol, "the chapter has solutions to strip"
     assert len(student.cells) == len(course.cells)
@@ -85,7 +86,7 @@ def student_runs(bundle, tmp_path_factory):
     def one(p):
         rec = out / f"{p.stem}.json"
         try:
-            from dlopt_labs.course import ipc_kernel_manager
+            from dlopt_labs.course.runner import ipc_kernel_manager
             pm.execute_notebook(str(p), str(out / p.name), parameters=dict(MODE="smoke", RESULTS=str(rec)), kernel_name="python3",
                                 cwd=str(bundle), progress_bar=False, log_output=False, execution_timeout=conftest.CELL_TIMEOUT,
                                 kernel_manager_class=ipc_kernel_manager())
@@ -98,7 +99,7 @@ def student_runs(bundle, tmp_path_factory):
 
 @pytest.mark.parametrize("n", CHAPTERS)
 def test_student_bundle_runs_end_to_end_and_reports_not_done(student_runs, n):
-    err, rec = student_runs[Path(written_chapters()[n]["path"]).stem]
+    err, rec = student_runs[Path(written_chapters()[n].path).stem]
     assert err is None, err
     assert rec["exercises"] and all(e["status"] == "not done" for e in rec["exercises"])
     assert len(rec["exercises"]) == len(exercises(n))
@@ -109,12 +110,12 @@ def test_student_bundle_runs_end_to_end_and_reports_not_done(student_runs, n):
 def submissions(bundle, tmp_path_factory):
     """One solved, one unsolved and the broken submissions of chapter 15."""
     d = tmp_path_factory.mktemp("subs")
-    src = written_chapters()[15]["path"]
+    src = written_chapters()[15].path
     nb = nbformat.read(src, as_version=4)
     shutil.copy(src, d / "solved.ipynb")
     shutil.copy(bundle / "15_prune.ipynb", d / "unsolved.ipynb")
     (d / "invalid_json.ipynb").write_text('{"cells": [ not json')
-    shutil.copy(written_chapters()[29]["path"], d / "wrong_chapter.ipynb")
+    shutil.copy(written_chapters()[29].path, d / "wrong_chapter.ipynb")
     b = copy.deepcopy(nb); i = next(i for i, c in enumerate(b.cells) if "parameters" in c.metadata.get("tags", []))
     b.cells.insert(i + 2, nbformat.v4.new_code_cell('raise RuntimeError("a planted error")')); nbformat.write(b, d / "cell_raises.ipynb")
     b = copy.deepcopy(nb)

@@ -22,7 +22,7 @@ def digits_model():
 
 
 def test_pruning_widget_equals_direct_call(digits_model):
-    from dlopt_labs.compress.prune import try_pruning
+    from dlopt_labs.efficient.prune import try_pruning
     net, dls = digits_model
     fn = lambda sparsity, scope, finetune_epochs: try_pruning(net, dls, sparsity, scope, finetune_epochs, 0)
     w = try_it(fn, dict(sparsity=0.5, scope="global", finetune_epochs=1), dict(sparsity=(0.0, 0.99, 0.01), scope=["global", "layer"], finetune_epochs=(0, 5, 1)))
@@ -60,7 +60,7 @@ def test_throughput_widget_drives_the_same_configuration():
 
 @pytest.fixture(scope="module")
 def reruns(tmp_path_factory, notebook_runs):
-    from dlopt_labs.course import run_many
+    from dlopt_labs.course.runner import run_many
     if not {15, 29} <= set(notebook_runs["chapters"]): pytest.skip("chapters 15 and 29 not selected (DLOPT_CHAPTERS)")
     same = run_many([15, 29], "smoke", tmp_path_factory.mktemp("same"), workers=2, progress=False, timeout=120, retries=1)
     other = run_many([15, 29], "smoke", tmp_path_factory.mktemp("other"), workers=2, progress=False, params=dict(SEED=1), timeout=120, retries=1)
