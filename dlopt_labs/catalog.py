@@ -175,7 +175,7 @@ CATALOG: tuple[Entry, ...] = (
 def entry(chapter) -> Entry:
     "The catalog entry of a chapter given as a number (or `'15'`, `'ch15'`), with a clear error otherwise."
     try: n = int(str(chapter).removeprefix("ch"))
-    except ValueError: raise ValueError(f"a chapter is a number from 1 to {len(CATALOG)}, got {chapter!r}") from None
+    except ValueError: raise ValueError(f"chapter must be a number from 1 to {len(CATALOG)}, got {chapter!r}") from None
     if not 1 <= n <= len(CATALOG):
         raise ValueError(f"there is no chapter {n}: the course has chapters 1 to {len(CATALOG)} (see `dlopt-labs list`)")
     return CATALOG[n - 1]

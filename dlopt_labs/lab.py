@@ -14,7 +14,7 @@ from .core import env_fingerprint, course_root, atomic_path, seed_everything, ge
 from .catalog import entry
 
 # %% auto #0
-__all__ = ['MODES', 'VERDICTS', 'RECORD_KEYS', 'settings', 'start', 'verdict', 'Claim', 'Record', 'format_value', 'check_record',
+__all__ = ['MODES', 'VERDICTS', 'RECORD_KEYS', 'settings', 'verdict', 'Claim', 'Record', 'format_value', 'check_record', 'start',
            'ExerciseResult', 'exercise', 'try_it']
 
 # %% ../nbs/foundations/05_lab.ipynb #6dbf46dd
@@ -33,27 +33,6 @@ def settings(mode: str, # "smoke" or "full"
     base = dict(smoke if mode == "smoke" else full)
     base.update({k: v for k, v in given.items() if v is not None})
     return SimpleNamespace(MODE=mode, **base)
-
-# %% ../nbs/foundations/05_lab.ipynb #ab7b3f86
-def start(chapter: int, # the chapter's number in the catalog
-          smoke: dict, # each parameter's default in smoke mode
-          full: dict, # each parameter's default in full mode
-          plots: bool = True, # set the seaborn theme for the chapter's figures
-         ) -> tuple[SimpleNamespace, "Record"]:
-    """Open a chapter: read MODE, SEED, RESULTS and every parameter named in `smoke`/`full` from the calling notebook,
-    resolve them, seed, pick the device, set the plot theme and open the results record. Returns `(cfg, rec)`."""
-    caller = inspect.currentframe().f_back.f_globals
-    missing = [k for k in ("MODE", "SEED", "RESULTS", *full) if k not in caller]
-    if missing:
-        raise NameError(f"start() reads the parameters cell, which does not define {missing}: add `NAME = None` lines for them")
-    cfg = settings(caller["MODE"], smoke, full, **{k: caller[k] for k in full})
-    cfg.SEED = caller["SEED"]
-    rec = Record(chapter, cfg.MODE, cfg.SEED, vars(cfg), path=caller["RESULTS"], title=entry(chapter).title)
-    cfg.generator, cfg.device = seed_everything(cfg.SEED), get_device()
-    if plots:
-        import seaborn as sns
-        sns.set_theme(style="whitegrid", context="notebook")
-    return cfg, rec
 
 # %% ../nbs/foundations/05_lab.ipynb #54e2b9cd
 VERDICTS = ("holds", "fails", "depends")
@@ -179,6 +158,27 @@ def check_record(rec: dict, claims: list | None = None) -> list[str]:
         if c["verdict"] not in VERDICTS: problems.append(f"claim {c['key']!r}: verdict {c['verdict']!r}")
         if not c["evidence"]: problems.append(f"claim {c['key']!r} has no evidence")
     return problems
+
+# %% ../nbs/foundations/05_lab.ipynb #ab7b3f86
+def start(chapter: int, # the chapter's number in the catalog
+          smoke: dict, # each parameter's default in smoke mode
+          full: dict, # each parameter's default in full mode
+          plots: bool = True, # set the seaborn theme for the chapter's figures
+         ) -> tuple[SimpleNamespace, "Record"]:
+    """Open a chapter: read MODE, SEED, RESULTS and every parameter named in `smoke`/`full` from the calling notebook,
+    resolve them, seed, pick the device, set the plot theme and open the results record. Returns `(cfg, rec)`."""
+    caller = inspect.currentframe().f_back.f_globals
+    missing = [k for k in ("MODE", "SEED", "RESULTS", *full) if k not in caller]
+    if missing:
+        raise NameError(f"start() reads the parameters cell, which does not define {missing}: add `NAME = None` lines for them")
+    cfg = settings(caller["MODE"], smoke, full, **{k: caller[k] for k in full})
+    cfg.SEED = caller["SEED"]
+    rec = Record(chapter, cfg.MODE, cfg.SEED, vars(cfg), path=caller["RESULTS"], title=entry(chapter).title)
+    cfg.generator, cfg.device = seed_everything(cfg.SEED), get_device()
+    if plots:
+        import seaborn as sns
+        sns.set_theme(style="whitegrid", context="notebook")
+    return cfg, rec
 
 # %% ../nbs/foundations/05_lab.ipynb #1ea4773d
 @dataclass

@@ -1,7 +1,5 @@
 """Shared fixtures: every notebook of the course executed once per test session, in parallel on the cores."""
-import concurrent.futures as cf
 import json
-import multiprocessing as mp
 import os
 import time
 from pathlib import Path
@@ -16,18 +14,26 @@ CELL_TIMEOUT = 120          # a cell stuck this long fails its notebook instead 
 RETRIES = 1                 # a chapter run whose cell timed out is run once more (RunResult.attempts says so): see the note on the rare kernel stall
 
 
-def _execute_foundation(args):
-    """Run one foundation notebook (its asserts are its tests); return (name, error or None, seconds)."""
+def _execute_notebook(path, out):
+    """Run one foundation or tooling notebook (its asserts are its tests); return (error or None, seconds)."""
     import papermill as pm
-    path, out = args
+    from dlopt_labs.course.runner import ipc_kernel_manager
     t0 = time.perf_counter()
     try:
-        from dlopt_labs.course.runner import ipc_kernel_manager
         pm.execute_notebook(str(path), str(out), kernel_name="python3", cwd=str(path.parent), execution_timeout=CELL_TIMEOUT,
-                            progress_bar=False, log_output=False, kernel_manager_class=ipc_kernel_manager())
-        return path.name, None, time.perf_counter() - t0
+                            progress_bar=False, log_output=False, kernel_manager_class=ipc_kernel_manager(dict(OMP_NUM_THREADS="1")))
+        return None, time.perf_counter() - t0
     except pm.PapermillExecutionError as e:
-        return path.name, f"cell {e.cell_index}: {e.ename}: {e.evalue}", time.perf_counter() - t0
+        return f"cell {e.cell_index}: {e.ename}: {e.evalue}", time.perf_counter() - t0
+
+
+def _job(job):
+    """One job of the session's runs: a chapter through the course runner, or a foundation/tooling notebook."""
+    kind, what, out = job
+    if kind == "chapter":
+        from dlopt_labs.course.runner import run_chapter
+        return run_chapter(what, "smoke", out=out, timeout=CELL_TIMEOUT, retries=RETRIES, env=dict(OMP_NUM_THREADS="1"))
+    return _execute_notebook(what, out / what.name)
 
 
 def selected_chapters():
@@ -42,28 +48,25 @@ def selected_chapters():
 
 
 def foundation_notebooks():
+    """The notebooks of the foundations and of the course tooling: their cells assert what their code returns."""
     if os.environ.get("DLOPT_CHAPTERS"): return []
-    return sorted((ROOT / "nbs" / "foundations").glob("*.ipynb"))
+    return sorted((ROOT / "nbs" / "foundations").glob("*.ipynb")) + sorted((ROOT / "nbs" / "course").glob("*.ipynb"))
 
 
 @pytest.fixture(scope="session")
 def notebook_runs(tmp_path_factory):
-    """Execute every written chapter (smoke mode, through the course runner) and every foundation notebook."""
-    from dlopt_labs.course.runner import run_many
+    """Execute every written chapter (smoke mode, through the course runner) and every foundation and tooling notebook,
+    on the course's one parallel-run helper, longest jobs first."""
+    from dlopt_labs.course.runner import parallel
     out = tmp_path_factory.mktemp("runs")
     chapters = sorted(selected_chapters())
+    jobs = [("chapter", n, out) for n in chapters] + [("notebook", p, out) for p in foundation_notebooks()]
     t0 = time.perf_counter()
-    with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
-        # the foundations run beside the chapter pool, which takes WORKERS - 1 ... so both cores stay busy
-        fut = ex.submit(_run_foundations, [(p, out / p.name) for p in foundation_notebooks()])
-        chapter_results = run_many(chapters, "smoke", out, workers=max(1, WORKERS - 1), progress=False, timeout=CELL_TIMEOUT, retries=RETRIES)
-        foundations = fut.result()
+    results = parallel(_job, jobs, workers=WORKERS)
     wall = time.perf_counter() - t0
-    return dict(chapters={r.chapter: r for r in chapter_results}, foundations=foundations, out=out, wall=wall)
-
-
-def _run_foundations(jobs):
-    return {name: (err, secs) for name, err, secs in map(_execute_foundation, jobs)}
+    runs = dict(zip([(k, w) for k, w, _ in jobs], results))
+    return dict(chapters={n: runs[("chapter", n)] for n in chapters},
+                foundations={p.name: runs[("notebook", p)] for p in foundation_notebooks()}, out=out, wall=wall)
 
 
 @pytest.fixture(scope="session")

@@ -281,7 +281,7 @@ def test_record_roundtrip_and_atomic_save(tmp_path, monkeypatch):
     assert lab.check_record(d, ["k"]) == [] and d["metrics"]["table"] == [{"a": 1}, {"a": 2}] and d["metrics"]["inf"] is None
     # a save that fails half-way leaves the old record intact and no temporary file
     rec.log(later=1)
-    monkeypatch.setattr(lab.json, "dump", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(lab.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError): rec.save()
     assert json.loads(path.read_text()) == d and [p.name for p in tmp_path.iterdir()] == ["r.json"]
 

@@ -103,7 +103,7 @@ def test_student_bundle_runs_end_to_end_and_reports_not_done(student_runs, n):
     assert err is None, err
     assert rec["exercises"] and all(e["status"] == "not done" for e in rec["exercises"])
     assert len(rec["exercises"]) == len(exercises(n))
-    assert {c["key"] for c in rec["claims"]} == set(written_chapters()[n]["claims"]), "every cell before and between the exercises ran"
+    assert {c["key"] for c in rec["claims"]} == set(written_chapters()[n].claims), "every cell before and between the exercises ran"
 
 
 @pytest.fixture(scope="module")
@@ -189,5 +189,5 @@ def test_syllabus_from_metadata_and_records(notebook_runs, tmp_path):
         block = text.split(f"### {n:02d} · ")[1].split("### ")[0]
         wall = json.loads(Path(res.record).read_text())["runner"]["wall_s"]
         assert f"smoke {wall:.0f} s" in block and "full not measured yet" in block
-        assert written_chapters()[n]["subtitle"] in block and "Exercises**: 1." in block
+        assert written_chapters()[n].question in block and "Exercises**: 1." in block
     assert "如何提高深度学习模型的压缩效率？" in text
