@@ -4,11 +4,10 @@
 
 # %% ../nbs/foundations/02_models.ipynb #b6a58981
 from __future__ import annotations
-import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['MODELS', 'MLP', 'SmallCNN', 'build_model', 'n_params']
+__all__ = ['MLP', 'SmallCNN']
 
 # %% ../nbs/foundations/02_models.ipynb #b3fe45e3
 class MLP(nn.Sequential):
@@ -50,17 +49,3 @@ class SmallCNN(nn.Module):
     def forward(self, x):
         if x.dim() != 4: raise ValueError(f"SmallCNN expects (N, C, H, W) inputs, got shape {tuple(x.shape)}; use loaders(..., images=True)")
         return self.head(self.features(x))
-
-# %% ../nbs/foundations/02_models.ipynb #c90fb0f0
-MODELS = dict(mlp=MLP, cnn=SmallCNN)
-
-def build_model(name: str, # "mlp" or "cnn"
-                **kwargs, # the model's arguments
-               ) -> nn.Module:
-    "Build one of the shared models by name."
-    if name not in MODELS: raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    return MODELS[name](**kwargs)
-
-def n_params(model: nn.Module, trainable_only: bool = False) -> int:
-    "Number of parameters (optionally only those that require gradients)."
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

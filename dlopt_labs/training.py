@@ -4,7 +4,7 @@
 
 # %% ../nbs/foundations/03_training.ipynb #42cefd20
 from __future__ import annotations
-import os, sys, time, math, copy
+import os, time, math, copy
 from contextlib import nullcontext
 import pandas as pd
 import torch
@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from .core import get_device
 
 # %% auto #0
-__all__ = ['progress_enabled', 'Callback', 'EarlyStopping', 'predict', 'evaluate', 'make_optimizer', 'make_scheduler', 'fit']
+__all__ = ['progress_enabled', 'Callback', 'EarlyStopping', 'predict', 'evaluate', 'make_optimizer', 'make_scheduler', 'autocast',
+           'fit']
 
 # %% ../nbs/foundations/03_training.ipynb #a217cbbd
 def progress_enabled(progress: bool | None = None) -> bool: # None: on unless DLOPT_PROGRESS=0
@@ -96,10 +97,11 @@ def make_scheduler(optimizer, scheduler, epochs, steps_per_epoch, lr):
     if scheduler == "step": return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, total // 3), gamma=0.1)
     raise ValueError(f"unknown scheduler {scheduler!r}; choose cosine, onecycle, step or None")
 
-def _autocast(device, amp):
+def autocast(device, amp):
+    "The autocast context for `amp` (None/'fp32', 'bf16', 'fp16') on `device`; fp16 needs CUDA."
     if amp in (None, False, "fp32"): return nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    if dtype is None: raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+    if dtype is None: raise ValueError(f"amp must be None, 'fp32', 'bf16' or 'fp16', got {amp!r}")
     if dtype is torch.float16 and device.type != "cuda": raise ValueError("fp16 autocast needs CUDA; use amp='bf16' on CPU")
     return torch.autocast(device.type, dtype=dtype)
 
@@ -144,7 +146,7 @@ def fit(model: nn.Module, # the model to train (moved to `device`)
         optimizer.zero_grad(set_to_none=True)
         for i, (xb, yb) in enumerate(train_dl):
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 loss = loss_fn(model(xb), yb)
             losses.append(loss.detach()); sizes.append(len(yb))
             if accum_steps > 1: loss = loss / accum_steps

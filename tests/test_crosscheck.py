@@ -166,7 +166,8 @@ def test_break_even_and_flops():
     assert T.break_even(10, 0.02, 0.01) == pytest.approx(1000)
     assert T.break_even(10, 0.01, 0.02) == math.inf
     lin = lambda: nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
-    assert T.step_flops(lin, torch.randn(8, 1, 4, 4), torch.randint(4, (8,))) == 3 * 2 * 8 * 16 * 4 - 2 * 8 * 16 * 4   # no input grad
+    from dlopt_labs.measure import count_flops
+    assert count_flops(lin(), torch.randn(8, 1, 4, 4), backward=True) == 3 * 2 * 8 * 16 * 4 - 2 * 8 * 16 * 4   # no input grad
 
 
 def test_npy_folder_roundtrip(tmp_path):
@@ -176,3 +177,19 @@ def test_npy_folder_roundtrip(tmp_path):
     assert torch.equal(x3, torch.from_numpy(X[3])) and y3 == y[3] and len(ds) == 10
     assert T.loader_throughput(ds, 4, 0) > 0
     with pytest.raises(FileNotFoundError, match="NpyFolder.write"): T.NpyFolder(tmp_path)
+
+
+def test_apply_masks_keepmasks_and_neuron_order_directly():
+    from dlopt_labs.data import load, split, loaders
+    from dlopt_labs.training import fit
+    net = _net(5)
+    masks = P.magnitude_masks(net, 0.7)
+    P.apply_masks(net, masks)
+    assert P.weight_sparsity(net) == pytest.approx(0.7, abs=1e-3)
+    with pytest.raises(KeyError, match="masks name weights the model does not have"): P.apply_masks(net, {"9.weight": masks["1.weight"]})
+    dls = loaders(split(load("digits")), 64)
+    fit(net, dls["train"], epochs=1, progress=False, device="cpu", callbacks=[P.KeepMasks(masks)])
+    assert all(bool(((w != 0) <= masks[n]).all()) for n, w in P.prunable(net).items()), \
+        "KeepMasks keeps every pruned weight at zero through training"
+    w = torch.tensor([[1.0, -1.0], [0.1, 0.0], [-3.0, 0.5]])
+    assert P.neuron_order(w).tolist() == [2, 0, 1]        # L1 norms 3.5, 2, 0.1

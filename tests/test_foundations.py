@@ -131,9 +131,8 @@ def test_loaders_shapes_and_seeded_shuffle():
 # models -----------------------------------------------------------------------------------------
 
 def test_models_build_and_validate():
-    assert models.build_model("mlp", in_features=64, n_classes=10, batchnorm=True, dropout=0.2)(torch.randn(3, 64)).shape == (3, 10)
-    assert models.build_model("cnn", n_classes=4)(torch.randn(2, 1, 32, 32)).shape == (2, 4)
-    with pytest.raises(ValueError, match="unknown model"): models.build_model("resnet")
+    assert models.MLP(64, 10, batchnorm=True, dropout=0.2)(torch.randn(3, 64)).shape == (3, 10)
+    assert models.SmallCNN(n_classes=4)(torch.randn(2, 1, 32, 32)).shape == (2, 4)
     with pytest.raises(ValueError, match="dropout"): models.MLP(4, 2, dropout=1.5)
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"): models.SmallCNN()(torch.randn(2, 64))
 
@@ -323,3 +322,11 @@ def test_front_matter_is_read_into_the_chapter_record():
     assert ch.number == 15 and ch.heading == "15 · Pruning" and ch.subtitle == "如何提高深度学习模型的压缩效率？"
     assert ch.title == "Pruning" and ch.module == "dlopt_labs.efficient.prune" and ch.exercises >= 2
     assert read_chapter(core.course_root() / "nbs" / "foundations" / "00_core.ipynb") is None
+
+
+def test_timing_summary_percentiles():
+    from dlopt_labs.measure import Timing
+    t = Timing([0.001 * k for k in range(1, 101)], threads=1)
+    s = t.summary("ms")
+    assert s["p50_ms"] == pytest.approx(50.5) and s["p99_ms"] == pytest.approx(99.01) and s["repeats"] == 100 and s["threads"] == 1
+    assert t.median == pytest.approx(0.0505) and t.p95 < t.p99

@@ -8,7 +8,7 @@ import json, re
 from dataclasses import dataclass
 from pathlib import Path
 from ..core import course_root, atomic_path
-from ..catalog import CATALOG, THEMES, Entry, entry
+from ..catalog import THEMES, Entry, entry
 
 # %% auto #0
 __all__ = ['FRONT_MATTER', 'QUARTO_HEADER', 'ChapterError', 'front_matter', 'Chapter', 'read_chapter', 'written_chapters',

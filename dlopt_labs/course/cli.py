@@ -4,11 +4,11 @@
 
 # %% ../../nbs/course/05_cli.ipynb #95685ae3
 from __future__ import annotations
-import argparse, sys, time
+import argparse, sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['cmd_new', 'cmd_student', 'cmd_grade', 'cmd_site', 'cmd_syllabus', 'cmd_list', 'cmd_run', 'main']
+__all__ = ['main']
 
 # %% ../../nbs/course/05_cli.ipynb #97ce1a36
 def _parser() -> argparse.ArgumentParser:
@@ -44,21 +44,21 @@ def _parser() -> argparse.ArgumentParser:
     y.add_argument("--records", type=Path, default=None, help="folder of results records (default: _runs/)")
     return p
 
-def cmd_new(a) -> int:
+def _cmd_new(a) -> int:
     from dlopt_labs.course.scaffold import new_chapter
     path = new_chapter(a.chapter)
     print(f"chapter skeleton written: {path}\nnext: edit it in JupyterLab (make lab), then `make export` and "
           f"`dlopt-labs run {int(str(a.chapter).removeprefix('ch'))} --mode smoke`")
     return 0
 
-def cmd_student(a) -> int:
+def _cmd_student(a) -> int:
     from dlopt_labs.course.teach import student_bundle
     paths = student_bundle(a.out_dir, a.chapters or None)
     print(f"student bundle in {a.out_dir}: {len(paths)} notebooks, datasets/, README.md")
     for p in paths: print(f"  {p.name}")
     return 0
 
-def cmd_grade(a) -> int:
+def _cmd_grade(a) -> int:
     import pandas as pd
     from dlopt_labs.course.teach import grade
     if a.timeout < 1 or a.workers < 1: raise ValueError("--timeout and --workers must be >= 1")
@@ -70,7 +70,7 @@ def cmd_grade(a) -> int:
     if len(failed): print(f"{len(failed)} of {len(summary)} submissions could not be graded", file=sys.stderr)
     return 1 if len(failed) else 0
 
-def cmd_site(a) -> int:
+def _cmd_site(a) -> int:
     import time
     from dlopt_labs.course.site import build_site
     t0 = time.perf_counter()
@@ -78,14 +78,14 @@ def cmd_site(a) -> int:
     print(f"site built in {time.perf_counter() - t0:.1f} s: {home}")
     return 0
 
-def cmd_syllabus(a) -> int:
+def _cmd_syllabus(a) -> int:
     from dlopt_labs.course.teach import syllabus
     text = syllabus(a.records)
     if a.out: a.out.write_text(text, encoding="utf-8"); print(f"syllabus written to {a.out}")
     else: print(text)
     return 0
 
-def cmd_list() -> int:
+def _cmd_list() -> int:
     import pandas as pd
     from dlopt_labs.catalog import CATALOG
     from dlopt_labs.course.chapters import written_chapters
@@ -107,7 +107,7 @@ def _print_result(r):
     if r.ok: print(f"  notebook: {r.notebook}\n  record:   {r.record}")
     else: print(f"  error: {r.error}" + (f"\n  executed notebook: {r.notebook}" if r.notebook else ""))
 
-def cmd_run(a) -> int:
+def _cmd_run(a) -> int:
     from dlopt_labs.course.chapters import resolve, written_chapters
     from dlopt_labs.course.runner import chapter_parameters, parse_params, run_chapter, run_many, summary_table
     if a.chapter == "all":
@@ -129,13 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     from dlopt_labs.course.chapters import ChapterError
     try:
-        if a.cmd == "list": return cmd_list()
-        if a.cmd == "student": return cmd_student(a)
-        if a.cmd == "grade": return cmd_grade(a)
-        if a.cmd == "syllabus": return cmd_syllabus(a)
-        if a.cmd == "site": return cmd_site(a)
-        if a.cmd == "new": return cmd_new(a)
-        return cmd_run(a)
+        if a.cmd == "list": return _cmd_list()
+        if a.cmd == "student": return _cmd_student(a)
+        if a.cmd == "grade": return _cmd_grade(a)
+        if a.cmd == "syllabus": return _cmd_syllabus(a)
+        if a.cmd == "site": return _cmd_site(a)
+        if a.cmd == "new": return _cmd_new(a)
+        return _cmd_run(a)
     except (ChapterError, ValueError, FileNotFoundError) as e:
         print(f"dlopt-labs: error: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:

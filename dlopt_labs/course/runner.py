@@ -12,8 +12,8 @@ from ..lab import MODES
 from .chapters import ChapterError, resolve
 
 # %% auto #0
-__all__ = ['KERNEL_ENV', 'chapter_parameters', 'parse_params', 'ipc_kernel_manager', 'parallel', 'RunResult', 'run_chapter',
-           'run_many', 'summary_table']
+__all__ = ['chapter_parameters', 'parse_params', 'ipc_kernel_manager', 'parallel', 'RunResult', 'run_chapter', 'run_many',
+           'summary_table']
 
 # %% ../../nbs/course/01_runner.ipynb #a56ba54d
 def chapter_parameters(path: str | Path) -> dict: # the chapter's notebook
@@ -51,14 +51,14 @@ def parse_params(pairs: list[str], # "NAME=VALUE" strings
     return out
 
 # %% ../../nbs/course/01_runner.ipynb #70b0ff28
-KERNEL_ENV = dict(DLOPT_PROGRESS="0")      # every kernel the tools start: no progress bars in executed notebooks
+_KERNEL_ENV = dict(DLOPT_PROGRESS="0")      # every kernel the tools start: no progress bars in executed notebooks
 
 def ipc_kernel_manager(env: dict | None = None): # variables added to the kernel's environment
     "A jupyter_client kernel manager class: IPC transport in a private folder, `env` added to the kernel's environment."
     import tempfile, uuid
     from jupyter_client.manager import AsyncKernelManager
     from traitlets import default
-    extra = {**KERNEL_ENV, **(env or {})}
+    extra = {**_KERNEL_ENV, **(env or {})}
     class IPCKernelManager(AsyncKernelManager):
         @default("transport")
         def _transport_default(self): return "ipc"

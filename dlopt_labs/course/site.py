@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 from ..core import course_root, env_fingerprint, atomic_path
 from ..lab import MODES, format_value
-from ..catalog import CATALOG, THEMES
+from ..catalog import CATALOG
 from .chapters import written_chapters
 from .runner import run_many
 

@@ -5,7 +5,7 @@
 # %% ../../nbs/course/02_teach.ipynb #9aa931a0
 from __future__ import annotations
 import csv, importlib, json, re, shutil, tempfile
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict
 from pathlib import Path
 import nbformat
 from ..core import course_root, atomic_path
@@ -15,9 +15,8 @@ from .chapters import ChapterError, resolve, written_chapters, front_matter
 from .runner import ipc_kernel_manager, parallel
 
 # %% auto #0
-__all__ = ['BEGIN', 'END', 'STUDENT_README', 'GRADE_MARK', 'STATUSES', 'Exercise', 'exercises', 'strip_solutions',
-           'student_notebook', 'student_bundle', 'GradeRow', 'grade_one', 'grade', 'summarize', 'latest_records',
-           'syllabus']
+__all__ = ['BEGIN', 'END', 'GRADE_MARK', 'STATUSES', 'Exercise', 'exercises', 'strip_solutions', 'student_notebook',
+           'student_bundle', 'GradeRow', 'grade_one', 'grade', 'syllabus']
 
 # %% ../../nbs/course/02_teach.ipynb #5ed0c2cc
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
@@ -83,7 +82,7 @@ def student_notebook(chapter) -> nbformat.NotebookNode:
     nb.metadata["dlopt_labs"] = dict(student=True, chapter=ch.number)
     return nb
 
-STUDENT_README = """# dlopt-labs: student notebooks
+_STUDENT_README = """# dlopt-labs: student notebooks
 
 Each notebook is one lab chapter. Open it in JupyterLab and run it top to bottom: every section measures what it
 teaches, on your machine. The exercises are at the end: each has a cell with `raise NotImplementedError(...)` where
@@ -109,7 +108,7 @@ def student_bundle(out_dir: str | Path, # where to write the bundle (created; mu
         for ch in chapters: nbformat.write(student_notebook(ch.number), tmp / ch.path.name)
         shutil.copytree(course_root() / "datasets", tmp / "datasets")
         lines = [f"- `{ch.path.name}`: {ch.entry.heading} ({ch.question})" for ch in chapters]
-        (tmp / "README.md").write_text(STUDENT_README + "\n".join(lines) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(_STUDENT_README + "\n".join(lines) + "\n", encoding="utf-8")
     return [out / ch.path.name for ch in chapters]
 
 # %% ../../nbs/course/02_teach.ipynb #2e8fe972
@@ -229,9 +228,9 @@ def grade(paths: list, # submitted notebooks
     rows = pd.DataFrame([asdict(r) for rs in results for r in rs], columns=list(GradeRow.__dataclass_fields__))
     if out is not None:
         with atomic_path(out) as tmp: rows.to_csv(tmp, index=False, quoting=csv.QUOTE_MINIMAL)
-    return rows, summarize(rows)
+    return rows, _summarize(rows)
 
-def summarize(rows):
+def _summarize(rows):
     "One line per submission: score, count per status, and the notes."
     import pandas as pd
     out = []
@@ -243,7 +242,7 @@ def summarize(rows):
     return pd.DataFrame(out)
 
 # %% ../../nbs/course/02_teach.ipynb #6669e0a4
-def latest_records(folder: str | Path | None = None) -> dict:
+def _latest_records(folder: str | Path | None = None) -> dict:
     "The newest results record per (chapter, mode) in a folder of runs (default: _runs/)."
     folder = Path(folder) if folder else course_root() / "_runs"
     best = {}
@@ -261,7 +260,7 @@ def _secs(rec):
 
 def syllabus(records: str | Path | None = None) -> str:
     "The course syllabus as Markdown."
-    recs, written = latest_records(records), written_chapters()
+    recs, written = _latest_records(records), written_chapters()
     lines = ["# dlopt-labs syllabus", "",
              f"{len(written)} of {len(CATALOG)} chapters written. Times were measured on this machine by `dlopt-labs run` "
              "(wall time, kernel start included); a chapter not run yet in a mode says so.", ""]
@@ -275,10 +274,10 @@ def syllabus(records: str | Path | None = None) -> str:
             env = (recs.get((e.number, "full")) or recs.get((e.number, "smoke")) or {}).get("env", {})
             lines += [f"### {e.number:02d} · {e.title}", "", f"> {e.question}", "",
                       f"- **Notebook**: `{e.notebook}`; module `{e.module}`",
-                      f"- **Objectives**: " + "; ".join(m.objectives),
-                      f"- **Prerequisites**: " + (", ".join(m.prerequisites) or "none"),
+                      "- **Objectives**: " + "; ".join(m.objectives),
+                      "- **Prerequisites**: " + (", ".join(m.prerequisites) or "none"),
                       f"- **Measured time**: smoke {_secs(recs.get((e.number, 'smoke')))}, full {_secs(recs.get((e.number, 'full')))} "
                       f"(budgets {m.budget_s['smoke']} s / {m.budget_s['full']} s)" + (f" on {env['cpu']['model']}, {env['cpu']['logical_cores']} cores" if env else ""),
-                      f"- **Exercises**: " + "; ".join(f"{x.n}. {x.title} ({x.points} pt)" for x in exercises(e.number)),
+                      "- **Exercises**: " + "; ".join(f"{x.n}. {x.title} ({x.points} pt)" for x in exercises(e.number)),
                       f"- **Claims checked**: {len(m.claims)}", ""]
     return "\n".join(lines)

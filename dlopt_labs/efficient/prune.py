@@ -4,13 +4,12 @@
 
 # %% ../../nbs/efficient/15_prune.ipynb #81b27792
 from __future__ import annotations
-import copy, io
-import numpy as np
+import copy
 import pandas as pd
 import torch
 from torch import nn
 from ..training import Callback, fit, evaluate
-from ..measure import model_size_bytes, count_params, time_it
+from ..measure import model_size_bytes
 from ..lab import exercise
 
 # %% auto #0

@@ -73,7 +73,9 @@ def report(probs, y, n_bins: int = 15) -> dict:
 def reliability_plot(probs, y, n_bins: int = 15, ax=None, label: str = "model"):
     "Reliability diagram: accuracy against confidence per bin (marker size: share of predictions), with the diagonal."
     t = reliability_table(probs, y, n_bins).dropna()
-    ax = ax or plt.gca()
+    if ax is None:
+        import matplotlib.pyplot as plt  # imported when drawn: the module itself needs no matplotlib
+        ax = plt.gca()
     ax.plot([0, 1], [0, 1], ls=":", color="grey")
     ax.plot(t.confidence, t.accuracy, marker="o", label=f"{label} (ECE {ece(probs, y, n_bins):.3f})")
     ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02))
@@ -158,6 +160,7 @@ def try_calibration(model: nn.Module, # trained classifier
     xn = (x + noise * torch.randn(x.shape, generator=g)).clamp(0, 1) if noise else x
     with torch.no_grad(): p = (model.eval()(xn) / temperature).softmax(1)
     if plot:
+        import matplotlib.pyplot as plt
         ax = reliability_plot(p, y, n_bins, ax=plt.figure(figsize=(4, 4)).gca(), label=f"T={temperature:g}")
         ax.legend(); plt.show()
     return pd.DataFrame([dict(temperature=temperature, noise=noise, **report(p, y, n_bins))]).round(4)

@@ -4,37 +4,36 @@
 
 # %% ../../nbs/speed/01_throughput.ipynb #4f0d2c5a
 from __future__ import annotations
-import math, os, time, tempfile
-from contextlib import nullcontext
+import math, time
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
-from ..measure import time_it, threads, count_flops, peak_memory
+from torch.utils.data import DataLoader, Dataset
+from ..core import cpu_info
+from ..measure import time_it, threads, peak_memory
+from ..training import autocast
 from ..lab import exercise
 
 # %% auto #0
-__all__ = ['make_step', 'step_throughput', 'train_once', 'batch_sweep', 'NpyFolder', 'loader_throughput', 'bf16_support',
-           'break_even', 'matmul_gflops', 'step_flops', 'try_throughput', 'check_steady_throughput',
-           'check_compile_pays_off']
+__all__ = ['make_step', 'step_throughput', 'batch_sweep', 'NpyFolder', 'loader_throughput', 'bf16_support', 'break_even',
+           'matmul_gflops', 'try_throughput', 'check_steady_throughput', 'check_compile_pays_off']
 
 # %% ../../nbs/speed/01_throughput.ipynb #b15dd1b9
 def make_step(model: nn.Module, # the model (already compiled, moved, in channels_last, if wanted)
               opt: torch.optim.Optimizer, # its optimizer
-              amp: str | None = None, # None/"fp32", or "bf16" autocast
+              amp: str | None = None, # None/"fp32", "bf16", or "fp16" (CUDA only)
               channels_last: bool = False, # convert each input batch to channels_last
              ):
     "One full training step `step(x, y) -> loss`: zero_grad, forward (autocast), loss, backward, optimizer step."
-    if amp not in (None, "fp32", "bf16", "fp16"): raise ValueError(f"amp must be None, 'fp32', 'bf16' or 'fp16', got {amp!r}")
-    dev = next(model.parameters()).device.type
-    ctx = (lambda: torch.autocast(dev, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)) if amp in ("bf16", "fp16") else nullcontext
+    dev = next(model.parameters()).device
+    autocast(dev, amp)  # the same checks as `fit`, now rather than at the first step: fp16 on the CPU raises ValueError
     def step(x, y):
         if channels_last: x = x.contiguous(memory_format=torch.channels_last)
         opt.zero_grad(set_to_none=True)
-        with ctx(): loss = F.cross_entropy(model(x), y)
+        with autocast(dev, amp): loss = F.cross_entropy(model(x), y)
         loss.backward(); opt.step()
         return loss
     return step
@@ -63,7 +62,7 @@ def step_throughput(make_model, # () -> a fresh nn.Module
                 first_call_ms=first * 1e3, threads=nt)
 
 # %% ../../nbs/speed/01_throughput.ipynb #d9931707
-def train_once(make_model, x, y):
+def _train_once(make_model, x, y):
     "Build a model and optimizer and run one training step (what `peak_memory` measures)."
     model = make_model().to(x.device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -80,7 +79,7 @@ def batch_sweep(make_model, # () -> a fresh model
     rows = []
     for b in batch_sizes:
         r = step_throughput(make_model, X[:b], Y[:b], steps=steps)
-        r["peak_mib"] = peak_memory(lambda: train_once(make_model, X[:b], Y[:b]))
+        r["peak_mib"] = peak_memory(lambda: _train_once(make_model, X[:b], Y[:b]))
         rows.append(r)
     return pd.DataFrame(rows)
 
@@ -119,11 +118,7 @@ def loader_throughput(dataset: Dataset, # what to read
 # %% ../../nbs/speed/01_throughput.ipynb #c93629e7
 def bf16_support() -> dict:
     "Whether this machine has native bf16 arithmetic: CPU flags, and CUDA's own report."
-    flags = set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith(("flags", "Features")): flags |= set(line.split(":", 1)[1].split())
-    except OSError: pass
+    flags = cpu_info()["flags"]
     return dict(avx512_bf16="avx512_bf16" in flags, amx_bf16="amx_bf16" in flags,
                 cuda_bf16=bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()))
 
@@ -140,14 +135,6 @@ def matmul_gflops(n: int = 1024, # side of the square matrices
     "Measured GFLOP/s of an n x n float32 matmul: a practical peak of this machine."
     a = torch.randn(n, n, device=device); b = torch.randn(n, n, device=device)
     return 2 * n**3 / time_it(lambda: a @ b, warmup=2, repeats=5, n_threads=n_threads).median / 1e9
-
-def step_flops(make_model, x, y) -> int:
-    "FLOPs of one forward and backward pass of a fresh model on (x, y)."
-    model = make_model().to(x.device)
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fc:
-        F.cross_entropy(model(x), y).backward()
-    return int(fc.get_total_flops())
 
 # %% ../../nbs/speed/01_throughput.ipynb #afc38dea
 def try_throughput(make_model, # () -> a fresh model
