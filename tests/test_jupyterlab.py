@@ -49,23 +49,42 @@ def lab(tmp_path):
         try: proc.wait(timeout=20)
         except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait()
         log.close()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True); shutil.copy(tmp_path / "lab.log", ARTIFACTS / "jupyterlab-server.log")
 
 
+RUN_ALL = "() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return true; }"   # not awaited: returns at once
+
+
+@pytest.mark.timeout(420)
 def test_run_all_then_change_a_control_in_jupyterlab(lab, browser):
     v = Visit(browser, f"{lab}/lab/tree/15_prune.ipynb")
     page = v.page
-    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60000)
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], .jp-DebuggerBugButton", timeout=60000)
-    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.commands.isEnabled('notebook:run-all-cells')", timeout=60000)
-    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")     # Run > Run All Cells
-    dropdown = page.locator(".jp-OutputArea .widget-dropdown select").first
-    dropdown.wait_for(state="visible", timeout=120000)
-    out = page.locator(".jp-OutputArea .widget-vbox .widget-output").first
-    page.wait_for_function("el => el.innerText.includes('pruned')", arg=out.element_handle(), timeout=60000)
-    before = out.inner_text()
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    dropdown.scroll_into_view_if_needed(); page.screenshot(path=str(ARTIFACTS / "jupyterlab-widget.png"))
-    dropdown.select_option("layer")                       # the scope control: the kernel prunes again
-    page.wait_for_function("([el, b]) => el.innerText.includes('pruned') && el.innerText !== b", arg=[out.element_handle(), before], timeout=60000)
-    assert out.inner_text() != before
-    v.close()
+    page.set_default_timeout(60000)                       # every wait below has a limit
+    try:
+        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60000)
+        page.wait_for_function("() => window.jupyterapp && window.jupyterapp.commands.isEnabled('notebook:run-all-cells')", timeout=60000)
+        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], .jp-DebuggerBugButton", timeout=60000)
+        started = "() => [...document.querySelectorAll('.jp-InputArea-prompt')].some(e => /\\[(\\*|\\d+)\\]/.test(e.innerText))"
+        for attempt in range(2):                          # Run > Run All Cells; triggered again once if no cell starts
+            page.evaluate(RUN_ALL)
+            try:
+                page.wait_for_function(started, timeout=30000); break
+            except Exception:
+                if attempt: raise AssertionError("run-all-cells was triggered twice and no cell started")
+        dropdown = page.locator(".jp-OutputArea .widget-dropdown select").first
+        dropdown.wait_for(state="visible", timeout=180000)
+        out = page.locator(".jp-OutputArea .widget-vbox .widget-output").first
+        page.wait_for_function("el => el.innerText.includes('pruned')", arg=out.element_handle(), timeout=60000)
+        before = out.inner_text()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        dropdown.scroll_into_view_if_needed(); page.screenshot(path=str(ARTIFACTS / "jupyterlab-widget.png"))
+        dropdown.select_option("layer")                   # the scope control: the kernel prunes again
+        page.wait_for_function("([el, b]) => el.innerText.includes('pruned') && el.innerText !== b", arg=[out.element_handle(), before], timeout=60000)
+        assert out.inner_text() != before
+    except BaseException:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        try: page.screenshot(path=str(ARTIFACTS / "jupyterlab-failure.png"), timeout=10000)
+        except Exception: pass
+        raise
+    finally:
+        v.close()
