@@ -7,20 +7,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("DLOPT_PROGRESS", "0")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 WORKERS = int(os.environ.get("DLOPT_TEST_WORKERS", "2"))
 CELL_TIMEOUT = 120          # a cell stuck this long fails its notebook instead of stalling the suite
 RETRIES = 1                 # a chapter run whose cell timed out is run once more (RunResult.attempts says so): see the note on the rare kernel stall
 
 
-def _execute_notebook(path, out):
-    """Run one foundation or tooling notebook (its asserts are its tests); return (error or None, seconds)."""
+def _execute_notebook(path, out, parameters=None, cwd=None):
+    """Run one notebook (a foundation or tooling notebook: its asserts are its tests; or a student notebook);
+    return (error or None, seconds)."""
     import papermill as pm
     from dlopt_labs.course.runner import ipc_kernel_manager
     t0 = time.perf_counter()
     try:
-        pm.execute_notebook(str(path), str(out), kernel_name="python3", cwd=str(path.parent), execution_timeout=CELL_TIMEOUT,
+        pm.execute_notebook(str(path), str(out), parameters=parameters or {}, kernel_name="python3", cwd=str(cwd or path.parent),
+                            execution_timeout=CELL_TIMEOUT,
                             progress_bar=False, log_output=False, kernel_manager_class=ipc_kernel_manager(dict(OMP_NUM_THREADS="1")))
         return None, time.perf_counter() - t0
     except pm.PapermillExecutionError as e:
@@ -29,11 +29,11 @@ def _execute_notebook(path, out):
 
 def _job(job):
     """One job of the session's runs: a chapter through the course runner, or a foundation/tooling notebook."""
-    kind, what, out = job
+    kind, what, out, *extra = job
     if kind == "chapter":
         from dlopt_labs.course.runner import run_chapter
         return run_chapter(what, "smoke", out=out, timeout=CELL_TIMEOUT, retries=RETRIES, env=dict(OMP_NUM_THREADS="1"))
-    return _execute_notebook(what, out / what.name)
+    return _execute_notebook(what, out / what.name, *extra)
 
 
 def selected_chapters():
@@ -56,7 +56,7 @@ def foundation_notebooks():
 @pytest.fixture(scope="session")
 def notebook_runs(tmp_path_factory):
     """Execute every written chapter (smoke mode, through the course runner) and every foundation and tooling notebook,
-    on the course's one parallel-run helper, longest jobs first."""
+    on the course's one parallel-run helper."""
     from dlopt_labs.course.runner import parallel
     out = tmp_path_factory.mktemp("runs")
     chapters = sorted(selected_chapters())
@@ -64,7 +64,7 @@ def notebook_runs(tmp_path_factory):
     t0 = time.perf_counter()
     results = parallel(_job, jobs, workers=WORKERS)
     wall = time.perf_counter() - t0
-    runs = dict(zip([(k, w) for k, w, _ in jobs], results))
+    runs = dict(zip([(k, w) for k, w, *_ in jobs], results))
     return dict(chapters={n: runs[("chapter", n)] for n in chapters},
                 foundations={p.name: runs[("notebook", p)] for p in foundation_notebooks()}, out=out, wall=wall)
 

@@ -32,7 +32,7 @@ def test_results_record_complete(records, n):
     meta = CHAPTERS[n]
     rec = records[n]
     assert check_record(rec, meta.claims) == []
-    assert rec["chapter"] == n and rec["mode"] == "smoke" and rec["params"]["MODE"] == "smoke"
+    assert rec["chapter"] == n and rec["title"] == meta.title and rec["mode"] == "smoke" and rec["params"]["MODE"] == "smoke"
     assert {c["key"] for c in rec["claims"]} == set(meta.claims), "every claim in the front matter, and only those, gets a verdict"
     assert all(c["verdict"] in VERDICTS and c["rule"] and c["source"] for c in rec["claims"])
     ex = rec["exercises"]

@@ -193,3 +193,11 @@ def test_apply_masks_keepmasks_and_neuron_order_directly():
         "KeepMasks keeps every pruned weight at zero through training"
     w = torch.tensor([[1.0, -1.0], [0.1, 0.0], [-3.0, 0.5]])
     assert P.neuron_order(w).tolist() == [2, 0, 1]        # L1 norms 3.5, 2, 0.1
+
+
+def test_make_step_refuses_fp16_on_cpu_as_fit_does():
+    net = SmallCNN(1, 4, widths=(4,))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="fp16 autocast needs CUDA; use amp='bf16' on CPU"): T.make_step(net, opt, "fp16")
+    loss = T.make_step(net, opt, "bf16")(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))
+    assert torch.isfinite(loss)

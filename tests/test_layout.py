@@ -17,7 +17,17 @@ from dlopt_labs.lab import check_record
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "dlopt_labs"
 BIN = Path(sys.executable).parent
-FOUNDATIONS = {"core", "data", "models", "training", "measure", "lab", "catalog"}
+def _foundations():
+    """The modules the foundation notebooks export (their `#| default_exp`), e.g. {"core", "data", ...}."""
+    import re
+    out = set()
+    for nb in (ROOT / "nbs" / "foundations").glob("*.ipynb"):
+        m = re.search(r"#\|\s*default_exp\s+(\w+)", nb.read_text(encoding="utf-8"))
+        if m: out.add(m.group(1))
+    return out
+
+
+FOUNDATIONS = _foundations()
 
 
 def _modules():
@@ -51,6 +61,10 @@ def _imports(mod, path):
     return found
 
 
+def test_foundations_are_the_ground_layer():
+    assert {"core", "data", "models", "training", "measure", "lab", "catalog"} == FOUNDATIONS
+
+
 def test_every_module_sits_in_a_layer_and_imports_only_downwards():
     mods = _modules()
     graph = {m: _imports(m, p) for m, p in mods.items()}
@@ -72,9 +86,12 @@ def test_notebook_folders_match_packages_and_every_chapter_module_is_a_leaf():
         assert ch.path == ROOT / e.notebook, f"chapter {n} is at {ch.path}, the catalog says {e.notebook}"
         assert (PKG / e.theme / f"{e.slug}.py").is_file(), f"{e.module} is not exported: run make export"
         assert not (PKG / e.theme / e.slug).exists(), f"{e.module} must be a module (a leaf), not a package"
+    written = {ch.module for ch in written_chapters().values()}
     for theme in THEMES:
         nbs, pkg = ROOT / "nbs" / theme, PKG / theme
         if pkg.exists(): assert nbs.exists(), f"dlopt_labs/{theme}/ exists without nbs/{theme}/"
+        here = {f"dlopt_labs.{theme}.{p.stem}" for p in pkg.glob("*.py") if p.name != "__init__.py"} if pkg.exists() else set()
+        assert here <= written, f"modules no written chapter exports (a renamed chapter's leftovers? delete them): {sorted(here - written)}"
     for p in PKG.iterdir():
         if p.is_dir() and p.name != "__pycache__":
             assert p.name in THEMES or p.name == "course", f"dlopt_labs/{p.name}/ is neither a theme nor the tooling"

@@ -91,12 +91,10 @@ def unused_exports() -> list[str]:
     return unused
 
 
-# TEMPORARY: names of measure.py and efficient/prune.py, whose notebooks are being reworked in parallel; empty this set then.
-_ALLOW_UNUSED = set()
 
 
 def test_every_exported_name_is_used():
-    unused = [n for n in unused_exports() if n not in _ALLOW_UNUSED]
+    unused = unused_exports()
     print("unused exported names:", unused)
     assert not unused, (f"{len(unused)} exported names are used neither in tests/ nor in any notebook cell but their own: "
                         "use each in a demo cell (or a test), or remove it:\n" + "\n".join(unused))

@@ -81,20 +81,12 @@ def test_strip_keeps_indentation_and_rejects_unclosed_markers():
 @pytest.fixture(scope="module")
 def student_runs(bundle, tmp_path_factory):
     """The student bundle of every written chapter, executed end to end by papermill in smoke mode."""
-    import os, papermill as pm, concurrent.futures as cf
+    from dlopt_labs.course.runner import parallel
     out = tmp_path_factory.mktemp("student_runs")
-    def one(p):
-        rec = out / f"{p.stem}.json"
-        try:
-            from dlopt_labs.course.runner import ipc_kernel_manager
-            pm.execute_notebook(str(p), str(out / p.name), parameters=dict(MODE="smoke", RESULTS=str(rec)), kernel_name="python3",
-                                cwd=str(bundle), progress_bar=False, log_output=False, execution_timeout=conftest.CELL_TIMEOUT,
-                                kernel_manager_class=ipc_kernel_manager())
-            return p.stem, None, json.loads(rec.read_text())
-        except pm.PapermillExecutionError as e:
-            return p.stem, f"cell {e.cell_index}: {e.ename}: {e.evalue}", None
-    with cf.ThreadPoolExecutor(2) as ex:
-        return {stem: (err, rec) for stem, err, rec in ex.map(one, sorted(bundle.glob("*.ipynb")))}
+    nbs = sorted(bundle.glob("*.ipynb"))
+    jobs = [("notebook", p, out, dict(MODE="smoke", RESULTS=str(out / f"{p.stem}.json")), bundle) for p in nbs]
+    results = parallel(conftest._job, jobs, workers=conftest.WORKERS)
+    return {p.stem: (err, json.loads((out / f"{p.stem}.json").read_text()) if err is None else None) for p, (err, _) in zip(nbs, results)}
 
 
 @pytest.mark.parametrize("n", CHAPTERS)

@@ -81,7 +81,10 @@ def _cmd_site(a) -> int:
 def _cmd_syllabus(a) -> int:
     from dlopt_labs.course.teach import syllabus
     text = syllabus(a.records)
-    if a.out: a.out.write_text(text, encoding="utf-8"); print(f"syllabus written to {a.out}")
+    if a.out:
+        from dlopt_labs.core import atomic_path
+        with atomic_path(a.out) as tmp: tmp.write_text(text, encoding="utf-8")
+        print(f"syllabus written to {a.out}")
     else: print(text)
     return 0
 

@@ -12,7 +12,7 @@ from ..catalog import Entry, entry
 from .chapters import ChapterError, written_chapters
 
 # %% auto #0
-__all__ = ['source_path', 'source_section', 'claim_key', 'skeleton', 'new_chapter']
+__all__ = ['source_path', 'source_section', 'skeleton', 'new_chapter']
 
 # %% ../../nbs/course/04_scaffold.ipynb #4e8a6056
 def source_path() -> Path:
@@ -35,11 +35,6 @@ def source_section(n: int, # the section (= chapter) number
     return dict(heading=heading, question=q.group(1).strip() if q else heading, groups=groups)
 
 # %% ../../nbs/course/04_scaffold.ipynb #6b4d2583
-def claim_key(text: str) -> str:
-    "A claim's key from its words: lower case, words joined by dashes, at most six words."
-    words = re.findall(r"[a-z0-9]+", text.lower())
-    return "-".join([w for w in words if w not in ("a", "an", "the")][:6])
-
 def _quote(section: dict) -> str:
     lines = []
     for title, bullets in section["groups"]:
@@ -50,25 +45,24 @@ def skeleton(e: Entry, # the chapter's catalog entry
              section: dict, # its source section, from source_section
             ) -> nbformat.NotebookNode:
     "The notebook of a new chapter: every part of the anatomy, with stubs that say what is still to write."
-    claims = [(claim_key(c), c) for c in e.claims] or [("source-claim", "TODO: a claim of the source's bullets, in its strongest reading")]
     slug_fn = e.slug.replace("-", "_")
     fm = "\n".join(["---", f"chapter: {e.number}", "objectives:", "  - TODO: what a learner can do after this chapter",
                     "prerequisites: [foundations/training, foundations/measure]", "budget_s: {smoke: 20, full: 300}",
-                    f"claims: [{', '.join(k for k, _ in claims)}]", "exercises: 2", "---"])
+                    "exercises: 2", "---"])
     md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
     plan = "\n".join(f"- **{k}**: {v}" for k, v in (("Teaches and measures", e.teaches), ("Cross-checked against", e.reference),
                                                        ("Pitfall, shown measured", e.pitfall)) if v)
-    claim_cells = "\n".join(f'rec.todo({k!r}, source="TODO: the source\'s words", claim={c!r})' for k, c in claims)
+    claim_cells = "\n".join(f'rec.todo({k!r}, source="TODO: the source\'s words", claim={c!r})' for k, c in e.claims) or "# TODO: add the source's claims this chapter judges to its catalog entry (key, claim)"
     cells = [
         nbformat.v4.new_raw_cell(fm),
         md(f"# {e.heading}\n\n> {e.question}"),
-        md(f"The source (§{e.number}, {section['heading']}) answers with six bullets:\n\n{_quote(section)}\n\n"
+        md(f"The source (§{e.number}, {section['heading']}) answers with {sum(len(b) for _, b in section['groups'])} bullets:\n\n{_quote(section)}\n\n"
            "TODO: say which bullets this chapter teaches and which chapter teaches each of the others.\n\n"
            f"The plan of this chapter (from the catalog):\n\n{plan}"),
         code(f"#| default_exp {e.export_name}"),
-        code('MODE = "full"        # "full": the course as taught (at most 5 min on 2 CPU cores); "smoke": every cell on less work (at most 20 s)\n'
+        code('MODE = "full"        # "full": the course as taught ; "smoke": every cell on less work (time budgets: front matter)\n'
              "SEED = 0             # seed of data split, initialisation and shuffling\n"
-             f"RESULTS = None       # path of the results record; None: _results/ch{e.number:02d}-<MODE>.json\n"
+             "RESULTS = None       # path of the results record; None: the course's _results/ folder\n"
              "EPOCHS = None        # training epochs; None: the mode's default"),
         code("#| export\nfrom __future__ import annotations\nimport pandas as pd\nfrom dlopt_labs.lab import exercise"),
         code("from IPython.display import display\nfrom dlopt_labs.lab import start, try_it\n\n"

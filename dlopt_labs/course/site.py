@@ -83,7 +83,7 @@ def claims_page(records: dict, pages: dict) -> str:
     body = []
     for n in sorted(records):
         rec, e = records[n], CATALOG[n - 1]
-        body += [f"## [{n:02d} · {e.title}]({pages[n]})", "", f"> {e.question}", "", "| claim | source | verdict | rule | evidence |", "| --- | --- | --- | --- | --- |"]
+        body += [f"## [{e.heading}]({pages[n]})", "", f"> {e.question}", "", "| claim | source | verdict | rule | evidence |", "| --- | --- | --- | --- | --- |"]
         for c in rec["claims"]:
             counts[c["verdict"]] += 1
             ev = ", ".join(f"{k}={format_value(v)}" for k, v in c["evidence"].items())

@@ -269,10 +269,10 @@ def syllabus(records: str | Path | None = None) -> str:
         for e in (x for x in CATALOG if x.theme == theme):
             m = written.get(e.number)
             if m is None:
-                lines += [f"### {e.number:02d} · {e.title} — planned", "", f"> {e.question}", "", f"Module `{e.module}`; not written yet.", ""]
+                lines += [f"### {e.heading} — planned", "", f"> {e.question}", "", f"Module `{e.module}`; not written yet.", ""]
                 continue
             env = (recs.get((e.number, "full")) or recs.get((e.number, "smoke")) or {}).get("env", {})
-            lines += [f"### {e.number:02d} · {e.title}", "", f"> {e.question}", "",
+            lines += [f"### {e.heading}", "", f"> {e.question}", "",
                       f"- **Notebook**: `{e.notebook}`; module `{e.module}`",
                       "- **Objectives**: " + "; ".join(m.objectives),
                       "- **Prerequisites**: " + (", ".join(m.prerequisites) or "none"),

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from ..core import cpu_info
+from ..core import cpu_info, atomic_path
 from ..measure import time_it, threads, peak_memory
 from ..training import autocast
 from ..lab import exercise
@@ -92,10 +92,11 @@ class NpyFolder(Dataset):
         self.labels = np.load(self.folder / "labels.npy")
     @classmethod
     def write(cls, X: np.ndarray, y: np.ndarray, folder: str | Path) -> "NpyFolder":
-        "Write each sample of `X` to its own file in `folder`."
-        folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-        for i, x in enumerate(X): np.save(folder / f"{i:06d}.npy", x)
-        np.save(folder / "labels.npy", y)
+        "Write each sample of `X` to its own file in `folder` (the folder appears whole, or not at all)."
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            for i, x in enumerate(X): np.save(tmp / f"{i:06d}.npy", x)
+            np.save(tmp / "labels.npy", y)
         return cls(folder)
     def __len__(self): return len(self.labels)
     def __getitem__(self, i):
