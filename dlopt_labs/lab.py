@@ -14,7 +14,8 @@ from .core import env_fingerprint, course_root, atomic_path, seed_everything, ge
 from .catalog import entry
 
 # %% auto #0
-__all__ = ['MODES', 'VERDICTS', 'RECORD_KEYS', 'settings', 'verdict', 'Claim', 'Record', 'format_value', 'check_record', 'start',
+__all__ = ['MODES', 'VERDICTS', 'OTHERWISE', 'RULE_FUNCTIONS', 'RECORD_KEYS', 'VERDICT_COLOURS', 'settings', 'rule_value',
+           'judge', 'Claim', 'rule_text', 'recompute', 'Record', 'format_value', 'claims_html', 'check_record', 'start',
            'ExerciseResult', 'exercise', 'try_it']
 
 # %% ../nbs/foundations/05_lab.ipynb #6dbf46dd
@@ -35,23 +36,68 @@ def settings(mode: str, # "smoke" or "full"
     return SimpleNamespace(MODE=mode, **base)
 
 # %% ../nbs/foundations/05_lab.ipynb #54e2b9cd
-VERDICTS = ("holds", "fails", "depends")
+VERDICTS = ("holds", "fails", "depends", "inconclusive")
+OTHERWISE = ("depends", "inconclusive")   # the verdict when neither condition is met: the setting decides / the noise does
+RULE_FUNCTIONS = dict(abs=abs, min=min, max=max, all=all, any=any, len=len, sum=sum, round=round, sorted=sorted)
 
-def verdict(holds: bool, fails: bool) -> str:
-    "holds / fails / depends from the two conditions of a claim's rule."
-    holds, fails = bool(holds), bool(fails)
-    if holds and fails: raise ValueError("a claim's rule found evidence both for and against: make the two conditions exclusive")
-    return "holds" if holds else "fails" if fails else "depends"
+def rule_value(expr: str, # one condition of a rule: a Python expression over the evidence's names
+               evidence: dict, # the measured numbers (as stored in the record)
+              ) -> bool:
+    "Evaluate one condition of a claim's rule on `evidence`, with only `RULE_FUNCTIONS` available besides the evidence."
+    if not isinstance(expr, str) or not expr.strip():
+        raise ValueError(f"a rule's condition is an expression in a string, e.g. \"speedup_lo > 1.1\"; got {expr!r}")
+    try: code = compile(expr, "<rule>", "eval")
+    except SyntaxError as e: raise ValueError(f"rule condition {expr!r} is not a Python expression ({e.msg}): fix its syntax") from None
+    try: return bool(eval(code, {"__builtins__": {}, **RULE_FUNCTIONS, **evidence}))
+    except NameError as e:
+        raise ValueError(f"rule condition {expr!r}: {e}; the evidence has {sorted(evidence)}: add the number to the evidence") from None
+    except TypeError as e:
+        raise ValueError(f"rule condition {expr!r} cannot be evaluated on this evidence ({e}): a missing (None) or non-numeric value?") from None
+
+def judge(evidence: dict, # measured numbers
+          holds: str, # condition under which the claim holds
+          fails: str, # condition under which it fails
+          otherwise: str = "depends", # verdict when neither: "depends", or "inconclusive" for a comparison within noise
+         ) -> str:
+    "The verdict of a rule on `evidence`: holds, fails, or `otherwise`. Both conditions true is an error in the rule."
+    if otherwise not in OTHERWISE: raise ValueError(f"otherwise must be one of {OTHERWISE}, got {otherwise!r}")
+    ev = _jsonable(evidence)
+    h, f = rule_value(holds, ev), rule_value(fails, ev)
+    if h and f: raise ValueError(f"the rule finds evidence both for ({holds}) and against ({fails}): make the two conditions exclusive")
+    return "holds" if h else "fails" if f else otherwise
 
 @dataclass
 class Claim:
-    "A source claim with its measured evidence, the rule that judges it, and the computed verdict."
-    key: str           # short id, listed in the chapter's front matter
+    "A source claim with its measured evidence, the rule that judges it (as code), and the verdict computed from them."
+    key: str           # short id, planned in the catalog
     source: str        # the source's words (Chinese, as written)
-    claim: str         # the claim in English, as tested
-    rule: str          # how the verdict follows from the evidence
+    claim: str         # the claim in English, as tested (its strongest reasonable reading)
     evidence: dict     # the measured numbers
-    verdict: str       # computed by `verdict`
+    holds: str         # condition (an expression over the evidence) under which the claim holds
+    fails: str         # condition under which it fails
+    otherwise: str     # verdict when neither condition is met
+    would_hold: dict   # a plausible measurement (evidence values replaced) under which the rule gives "holds"
+    would_fail: dict   # one under which it gives "fails": the rule can come out either way
+    verdict: str       # computed by `judge` from the above
+    @property
+    def rule(self) -> str: return rule_text(self.holds, self.fails, self.otherwise)
+
+def rule_text(holds: str, fails: str, otherwise: str) -> str:
+    "A rule written out: holds if ...; fails if ...; else ..."
+    return f"holds if {holds}; fails if {fails}; else {otherwise}" if holds else ""
+
+def recompute(claim: dict) -> list[str]:
+    "Problems with one stored claim: its verdict, recomputed from its rule and evidence, and its two counterfactuals."
+    if claim.get("verdict") == "not judged": return []
+    try:
+        got = judge(claim["evidence"], claim["holds"], claim["fails"], claim["otherwise"])
+        out = [] if got == claim["verdict"] else [f"claim {claim['key']!r}: stored verdict {claim['verdict']!r}, its rule gives {got!r}"]
+        for name, want in (("would_hold", "holds"), ("would_fail", "fails")):
+            if not claim[name]: out.append(f"claim {claim['key']!r} has no {name} measurement"); continue
+            v = judge({**claim["evidence"], **claim[name]}, claim["holds"], claim["fails"], claim["otherwise"])
+            if v != want: out.append(f"claim {claim['key']!r}: its {name} measurement gives {v!r}, not {want!r}")
+        return out
+    except (KeyError, ValueError) as e: return [f"claim {claim.get('key')!r} cannot be recomputed: {e}"]
 
 def _jsonable(o):
     if isinstance(o, dict): return {str(k): _jsonable(v) for k, v in o.items()}
@@ -103,29 +149,53 @@ class Record:
         "Add wall-clock measurements (latencies, throughputs): kept apart from `metrics`, since they vary run to run."
         self.timings.update(_jsonable(timings))
 
-    def claim(self, key: str, source: str, claim: str, rule: str, evidence: dict, holds: bool, fails: bool) -> Claim:
-        "Judge a source claim: the verdict is computed from `holds` and `fails`, evaluated on `evidence`."
-        c = Claim(key, source, claim, rule, _jsonable(evidence), verdict(holds, fails))
+    def claim(self, key: str, # the claim's key in the catalog
+              source: str, # the source's words
+              evidence: dict, # the measured numbers the rule reads
+              *,
+              holds: str, # condition (expression over the evidence's names) for "holds"
+              fails: str, # condition for "fails"
+              would_hold: dict, # evidence values that would make it hold (a plausible other measurement)
+              would_fail: dict, # evidence values that would make it fail
+              otherwise: str = "depends", # verdict when neither: "depends", or "inconclusive" (within noise)
+              claim: str | None = None, # the claim as tested (None: the catalog's wording for this chapter and key)
+             ) -> Claim:
+        "Judge a source claim by a rule kept as code; refuses a rule that cannot come out both ways."
+        if claim is None:
+            planned = dict(entry(self.chapter).claims) if 1 <= self.chapter <= 30 else {}
+            if key not in planned: raise ValueError(f"claim {key!r} is not planned for chapter {self.chapter} in the catalog "
+                                                    f"(planned: {sorted(planned)}): add it there, or pass claim=")
+            claim = planned[key]
+        ev = _jsonable(evidence)
+        c = Claim(key, source, claim, ev, holds, fails, otherwise, _jsonable(would_hold), _jsonable(would_fail),
+                  judge(ev, holds, fails, otherwise))
+        for name, want in (("would_hold", "holds"), ("would_fail", "fails")):
+            extra = set(getattr(c, name)) - set(ev)
+            if extra: raise ValueError(f"claim {key!r}: {name} sets {sorted(extra)}, which the evidence does not have: replace measured names only")
+            got = judge({**ev, **getattr(c, name)}, holds, fails, otherwise)
+            if got != want:
+                raise ValueError(f"claim {key!r}: the rule gives {got!r} on {name}={getattr(c, name)}, not {want!r}: "
+                                 f"give a measurement under which it {want}, or fix the rule")
         self.claims = [x for x in self.claims if x.key != key] + [c]
         return c
 
     def todo(self, key: str, source: str, claim: str) -> Claim:
         "Record a planned claim whose rule is not written yet: its verdict is `not judged`, which `check_record` reports."
-        c = Claim(key, source, claim, "", {}, "not judged")
+        c = Claim(key, source, claim, {}, "", "", "depends", {}, {}, "not judged")
         self.claims = [x for x in self.claims if x.key != key] + [c]
         return c
 
-    def claims_table(self) -> pd.DataFrame:
-        "The claims judged so far, one row each."
-        return pd.DataFrame([dict(claim=c.claim, verdict=c.verdict, rule=c.rule,
-                                  evidence=", ".join(f"{k}={format_value(v)}" for k, v in c.evidence.items())) for c in self.claims])
+    def show_claims(self):
+        "The claims judged so far as cards (verdict badge, source, claim, rule, evidence), for the notebook and the site."
+        from IPython.display import HTML
+        return HTML(claims_html([_claim_dict(c) for c in self.claims]))
 
     def to_dict(self) -> dict:
         secs = list(self.sections)
         if self._sec: secs.append(dict(name=self._sec[0], seconds=round(time.perf_counter() - self._sec[1], 3)))
-        return dict(schema=1, chapter=self.chapter, title=self.title, mode=self.mode, seed=self.seed, params=self.params,
+        return dict(schema=2, chapter=self.chapter, title=self.title, mode=self.mode, seed=self.seed, params=self.params,
                     started=self.started, duration_s=round(time.perf_counter() - self._t0, 3), sections=secs,
-                    metrics=self.metrics, timings=self.timings, claims=[asdict(c) for c in self.claims],
+                    metrics=self.metrics, timings=self.timings, claims=[_claim_dict(c) for c in self.claims],
                     exercises=[asdict(e) for e in sorted(self.exercises.values(), key=lambda e: e.n)], env=env_fingerprint())
 
     def save(self, path: str | Path | None = None) -> Path:
@@ -135,16 +205,42 @@ class Record:
             tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=1), encoding="utf-8")
         return path
 
+def _claim_dict(c: Claim) -> dict: return dict(asdict(c), rule=c.rule)
+
 def format_value(v) -> str:
-    "A short text for a number, list or dict of evidence: 4 significant digits, long lists cut after six items."
+    "The text of a number, list or dict of evidence: floats to 4 significant digits, nothing left out."
     if isinstance(v, float): return f"{v:.4g}"
-    if isinstance(v, list) and len(v) > 6: return "[" + ", ".join(format_value(x) for x in v[:6]) + ", ...]"
     if isinstance(v, list): return "[" + ", ".join(format_value(x) for x in v) + "]"
     if isinstance(v, dict): return "{" + ", ".join(f"{k}: {format_value(x)}" for k, x in v.items()) + "}"
     return str(v)
 
+VERDICT_COLOURS = {"holds": "#1a7f37", "fails": "#cf222e", "depends": "#9a6700", "inconclusive": "#57606a", "not judged": "#8250df"}
+
+def claims_html(claims: list[dict]) -> str:
+    "Claims (as stored in a record) as HTML cards: verdict badge, source's words, claim, rule as code, evidence; nothing cut."
+    import html
+    esc = html.escape
+    def card(c):
+        colour = VERDICT_COLOURS.get(c["verdict"], "#57606a")
+        badge = (f'<span class="dl-verdict dl-verdict-{esc(c["verdict"].replace(" ", "-"))}" style="background:{colour};color:#fff;'
+                 f'border-radius:1em;padding:0.1em 0.7em;font-weight:600;font-size:0.85em;white-space:nowrap">{esc(c["verdict"])}</span>')
+        rows = "".join(f'<tr><td style="padding:0.1em 1em 0.1em 0;text-align:left;vertical-align:top"><code>{esc(k)}</code></td>'
+                       f'<td style="text-align:left;overflow-wrap:anywhere">{esc(format_value(v))}</td></tr>' for k, v in c["evidence"].items())
+        rule = ("" if not c.get("holds") else
+                f'<div style="margin:0.4em 0"><b>rule</b><pre style="white-space:pre-wrap;margin:0.2em 0;text-align:left">'
+                f'holds if  {esc(c["holds"])}\nfails if  {esc(c["fails"])}\nelse      {esc(c["otherwise"])}</pre></div>')
+        cf = "".join(f'<div style="font-size:0.9em">would {w}: <code>{esc(format_value(c[k]))}</code></div>'
+                     for k, w in (("would_hold", "hold"), ("would_fail", "fail")) if c.get(k))
+        return (f'<div class="dl-claim" data-key="{esc(c["key"])}" style="border:1px solid #d0d7de;border-left:6px solid {colour};'
+                f'border-radius:6px;padding:0.6em 0.9em;margin:0.6em 0;text-align:left;max-width:100%">'
+                f'<div style="display:flex;gap:0.6em;align-items:baseline;flex-wrap:wrap">{badge}'
+                f'<b style="overflow-wrap:anywhere">{esc(c["claim"])}</b> <code style="opacity:0.7">{esc(c["key"])}</code></div>'
+                f'<div lang="zh" style="margin:0.3em 0;color:#444">{esc(c["source"])}</div>{rule}'
+                f'<table style="border-collapse:collapse;margin:0.2em 0">{rows}</table>{cf}</div>')
+    return '<div class="dl-claims">' + "".join(card(c) for c in claims) + "</div>"
+
 def check_record(rec: dict, claims: list | None = None) -> list[str]:
-    "Problems with a results record (empty when complete): missing keys, claims without a verdict or evidence."
+    "Problems with a results record (empty when complete): missing keys, claims without a verdict, evidence or a verdict its rule gives."
     problems = [f"missing key {k!r}" for k in RECORD_KEYS if k not in rec]
     if problems: return problems
     if rec["mode"] not in MODES: problems.append(f"mode {rec['mode']!r}")
@@ -157,6 +253,7 @@ def check_record(rec: dict, claims: list | None = None) -> list[str]:
         if c["verdict"] == "not judged": problems.append(f"claim {c['key']!r} is not judged yet (its rule is still to write)"); continue
         if c["verdict"] not in VERDICTS: problems.append(f"claim {c['key']!r}: verdict {c['verdict']!r}")
         if not c["evidence"]: problems.append(f"claim {c['key']!r} has no evidence")
+        problems += recompute(c)
     return problems
 
 # %% ../nbs/foundations/05_lab.ipynb #ab7b3f86

@@ -4,7 +4,7 @@
 
 # %% ../nbs/foundations/04_measure.ipynb #68bb8bcf
 from __future__ import annotations
-import io, os, time, ctypes, multiprocessing as mp, traceback
+import io, math, os, time, ctypes, multiprocessing as mp, traceback
 from dataclasses import dataclass
 from contextlib import contextmanager
 import numpy as np
@@ -15,8 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from .training import evaluate
 
 # %% auto #0
-__all__ = ['TIMING_COLUMNS', 'RATIO_COLUMNS', 'Timing', 'threads', 'time_it', 'peak_memory', 'model_size_bytes', 'count_params',
-           'count_flops', 'variants', 'split_timings']
+__all__ = ['TIMING_COLUMNS', 'RATIO_COLUMNS', 'Timing', 'threads', 'time_it', 'Comparison', 'compare_speed', 'paired_bootstrap',
+           'peak_memory', 'model_size_bytes', 'count_params', 'count_flops', 'variants', 'split_timings']
 
 # %% ../nbs/foundations/04_measure.ipynb #ce6777fc
 @dataclass
@@ -67,6 +67,87 @@ def time_it(fn, # the call to time, with no arguments
         while len(times) < repeats or sum(times) < min_time:
             t0 = time.perf_counter(); fn(); _sync(); times.append(time.perf_counter() - t0)
     return Timing(times, nt)
+
+# %% ../nbs/foundations/04_measure.ipynb #9129eda1
+@dataclass
+class Comparison:
+    "Speed of configurations relative to a baseline, from interleaved repeats, with the noise band of an A/A comparison."
+    table: pd.DataFrame    # one row per configuration (the A/A row last): median_ms, speedup, speedup_lo, speedup_hi
+    noise: tuple           # (noise_lo, noise_hi): the band two identical configurations differ by (symmetric in log)
+    baseline: str          # the configuration speed-ups divide by
+    level: float           # confidence level of the intervals
+    def evidence(self, name: str) -> dict:
+        "The numbers a speed claim about `name` reads: speedup, speedup_lo, speedup_hi, noise_lo, noise_hi."
+        if name not in self.table.index: raise KeyError(f"{name!r} was not compared; the configurations are {list(self.table.index)}")
+        r = self.table.loc[name]
+        return dict(speedup=float(r.speedup), speedup_lo=float(r.speedup_lo), speedup_hi=float(r.speedup_hi),
+                    noise_lo=self.noise[0], noise_hi=self.noise[1])
+    def _repr_html_(self): return self.table.round(3)._repr_html_()
+
+def compare_speed(fns: dict, # name -> a call with no arguments (one step, one batch, one epoch)
+                  baseline: str | None = None, # the configuration speed-ups are relative to (None: the first)
+                  rounds: int = 7, # interleaved rounds; each gives one paired ratio per configuration
+                  repeats: int = 3, # timed calls per configuration per round (their median is the round's time)
+                  warmup: int = 2, # untimed calls of each configuration before the first round
+                  work: dict | None = None, # name -> units per call (e.g. samples): speed-ups compare units per second
+                  seed: int = 0, # seed of the random order within each round
+                  level: float = 0.95, # confidence level of the intervals
+                 ) -> Comparison:
+    "Speed-ups of several configurations over a baseline, with intervals, by interleaved paired repeats and an A/A noise band."
+    from scipy import stats
+    if not isinstance(fns, dict) or not fns or not all(callable(f) for f in fns.values()):
+        raise ValueError("fns must be a non-empty dict of name -> callable with no arguments, e.g. dict(eager=step, compiled=cstep)")
+    baseline = next(iter(fns)) if baseline is None else baseline
+    if baseline not in fns: raise ValueError(f"baseline {baseline!r} is not among {list(fns)}; name one of them or pass None (the first)")
+    if rounds < 3: raise ValueError(f"rounds must be >= 3 to estimate an interval, got {rounds}")
+    if repeats < 1 or warmup < 0: raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    work = {k: 1.0 for k in fns} if work is None else dict(work)
+    if set(work) != set(fns): raise ValueError(f"work must give the units per call of every configuration; missing {sorted(set(fns) - set(work))}")
+    aa = f"{baseline} (A/A)"
+    configs = {**fns, aa: fns[baseline]}; work[aa] = work[baseline]
+    for f in configs.values():
+        for _ in range(warmup): f()
+    _sync()
+    rng, times = np.random.default_rng(seed), {k: [] for k in configs}
+    for _ in range(rounds):
+        for name in rng.permutation(list(configs)):
+            per_call = []
+            for _ in range(repeats):
+                t0 = time.perf_counter(); configs[name](); _sync(); per_call.append(time.perf_counter() - t0)
+            times[name].append(float(np.median(per_call)))
+    tq = stats.t.ppf(0.5 + level / 2, rounds - 1)
+    base = np.array(times[baseline]) / work[baseline]
+    rows = []
+    for name, ts in times.items():
+        log_ratio = np.log(base / (np.array(ts) / work[name]))     # per round: units/s of `name` over the baseline's
+        m, half = log_ratio.mean(), tq * log_ratio.std(ddof=1) / math.sqrt(rounds)
+        rows.append(dict(config=name, median_ms=float(np.median(ts)) * 1e3, speedup=math.exp(m),
+                         speedup_lo=math.exp(m - half), speedup_hi=math.exp(m + half), rounds=rounds))
+    table = pd.DataFrame(rows).set_index("config")
+    spread = max(abs(math.log(table.loc[aa, "speedup_lo"])), abs(math.log(table.loc[aa, "speedup_hi"])))
+    return Comparison(table, (math.exp(-spread), math.exp(spread)), baseline, level)
+
+# %% ../nbs/foundations/04_measure.ipynb #51c9295a
+def paired_bootstrap(metric, # metric(predictions, labels) -> float, e.g. accuracy or ECE
+                     a, # predictions (or probabilities, logits) of model A, one row per test input
+                     b, # those of model B on the same inputs, in the same order
+                     y, # the labels
+                     n_boot: int = 200, # bootstrap resamples of the test set
+                     seed: int = 0, # seed of the resampling
+                     level: float = 0.95, # confidence level of the interval
+                    ) -> dict:
+    "metric(b) - metric(a) on the test set, with a paired percentile-bootstrap interval: diff, diff_lo, diff_hi."
+    a, b, y = torch.as_tensor(a), torch.as_tensor(b), torch.as_tensor(y)
+    if not len(a) == len(b) == len(y): raise ValueError(f"a, b and y must have one row per test input; got {len(a)}, {len(b)}, {len(y)}")
+    if n_boot < 20: raise ValueError(f"n_boot must be >= 20 for a percentile interval, got {n_boot}")
+    g = torch.Generator().manual_seed(seed)
+    diffs = []
+    for _ in range(n_boot):
+        i = torch.randint(len(y), (len(y),), generator=g)
+        diffs.append(float(metric(b[i], y[i])) - float(metric(a[i], y[i])))
+    q = (1 - level) / 2
+    return dict(diff=float(metric(b, y)) - float(metric(a, y)), diff_lo=float(np.quantile(diffs, q)),
+                diff_hi=float(np.quantile(diffs, 1 - q)))
 
 # %% ../nbs/foundations/04_measure.ipynb #a42d25a2
 def _status_kib(field):

@@ -80,7 +80,7 @@ def test_run_all_reports_the_failing_chapter_and_runs_the_others(tmp_path):
     root = tmp_path / "course"; (root / "nbs").mkdir(parents=True)
     shutil.copytree(ROOT / "datasets", root / "datasets")
     ok = ("from dlopt_labs.lab import Record\nrec = Record(2, MODE, SEED, {}, path=RESULTS)\nrec.section('a'); rec.log(x=1)\n"
-          "rec.claim('c', 's', 'c', 'r', dict(x=1), True, False)\nrec.save()")
+          "rec.claim('c', 's', dict(x=1), claim='c', holds='x > 0', fails='x < 0', would_hold={}, would_fail=dict(x=-1))\nrec.save()")
     _fake_chapter(root / "nbs" / "02_ok.ipynb", 2, ok)
     _fake_chapter(root / "nbs" / "04_bad.ipynb", 4, "x = 1\nraise ValueError('planted failure')")
     out = tmp_path / "out"

@@ -258,9 +258,24 @@ def test_sizes_params_flops():
 
 # lab --------------------------------------------------------------------------------------------
 
-def test_verdict_rules():
-    assert lab.verdict(True, False) == "holds" and lab.verdict(False, True) == "fails" and lab.verdict(False, False) == "depends"
-    with pytest.raises(ValueError, match="both for and against"): lab.verdict(True, True)
+def test_rules_are_code_that_can_come_out_either_way():
+    ev = dict(speedup_lo=1.3, speedup_hi=1.5, noise_lo=0.95, noise_hi=1.05)
+    rule = dict(holds="speedup_lo > 1.1 * noise_hi", fails="speedup_hi < 1.1 * noise_lo", otherwise="inconclusive")
+    assert lab.judge(ev, **rule) == "holds"
+    assert lab.judge(dict(ev, speedup_lo=0.9, speedup_hi=1.0), **rule) == "fails"
+    assert lab.judge(dict(ev, speedup_lo=1.0, speedup_hi=1.3), **rule) == "inconclusive"
+    assert lab.judge(dict(a=[1, 2, 3]), holds="all(x > 0 for x in a)", fails="any(x < 0 for x in a)") == "holds"
+    with pytest.raises(ValueError, match="both for"): lab.judge(dict(a=1), holds="a > 0", fails="a >= 1")
+    with pytest.raises(ValueError, match="the evidence has"): lab.judge(dict(a=1), holds="b > 0", fails="a < 0")
+    with pytest.raises(ValueError, match="not a Python expression"): lab.judge(dict(a=1), holds="a >", fails="a < 0")
+    with pytest.raises(ValueError, match="otherwise must be"): lab.judge(dict(a=1), holds="a > 0", fails="a < 0", otherwise="maybe")
+    with pytest.raises(ValueError, match="the evidence has"): lab.judge(dict(a=1), holds="__import__('os')", fails="a < 0")
+    rec = lab.Record(1, "smoke", 0, {}, path="/nonexistent/x.json")
+    # a rule fixed by construction is refused: no plausible measurement makes it fail
+    with pytest.raises(ValueError, match="would_fail"):
+        rec.claim("k", "源", dict(x=1.0), claim="c", holds="x == x", fails="x != x", would_hold={}, would_fail=dict(x=2.0))
+    with pytest.raises(ValueError, match="does not have"):
+        rec.claim("k", "源", dict(x=1.0), claim="c", holds="x > 0", fails="x < 0", would_hold={}, would_fail=dict(y=-1.0))
 
 
 def test_settings_modes():
@@ -274,7 +289,7 @@ def test_record_roundtrip_and_atomic_save(tmp_path, monkeypatch):
     path = tmp_path / "r.json"
     rec = lab.Record(1, "smoke", 0, dict(X=np.int64(3)), path=path, title="t")
     rec.section("a"); rec.log(acc=np.float32(0.5), table=pd.DataFrame(dict(a=[1, 2])), inf=float("inf"))
-    rec.claim("k", "源", "claim", "rule", dict(x=1.0), holds=True, fails=False)
+    rec.claim("k", "源", dict(x=1.0), claim="claim", holds="x > 0", fails="x < 0", would_hold={}, would_fail=dict(x=-1.0))
     rec.save()
     d = json.loads(path.read_text())
     assert lab.check_record(d, ["k"]) == [] and d["metrics"]["table"] == [{"a": 1}, {"a": 2}] and d["metrics"]["inf"] is None

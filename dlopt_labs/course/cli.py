@@ -106,7 +106,7 @@ def _cmd_list() -> int:
 def _print_result(r):
     status = "ok" if r.ok else "FAILED"
     print(f"chapter {r.chapter:02d} {r.title} [{r.mode}]: {status} in {r.seconds:.1f} s")
-    for c in r.claims: print(f"  {c['verdict']:>7}  {c['claim']}")
+    for c in r.claims: print(f"  {c['verdict']:>12}  {c['claim']}")
     if r.ok: print(f"  notebook: {r.notebook}\n  record:   {r.record}")
     else: print(f"  error: {r.error}" + (f"\n  executed notebook: {r.notebook}" if r.notebook else ""))
 

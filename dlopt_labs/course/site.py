@@ -8,7 +8,7 @@ import datetime, json, re, shutil, subprocess, sys
 from pathlib import Path
 import nbformat
 from ..core import course_root, env_fingerprint, atomic_path
-from ..lab import MODES, format_value
+from ..lab import MODES, VERDICTS, claims_html
 from ..catalog import CATALOG
 from .chapters import written_chapters
 from .runner import run_many
@@ -71,24 +71,18 @@ def prepare_page(nb: nbformat.NotebookNode, # the notebook (executed for a chapt
     return nb
 
 # %% ../../nbs/course/03_site.ipynb #f2f1208a
-def _md_cell(v) -> str:
-    return str(v).replace("|", "\\|").replace("\n", " ")
-
 def claims_page(records: dict, pages: dict) -> str:
-    "Markdown collecting every checked claim: the source's words, the claim, the verdict, the rule, the evidence, a link to the chapter."
-    counts = {"holds": 0, "fails": 0, "depends": 0}
+    "Markdown collecting every checked claim as a card (verdict badge, source, claim, rule as code, evidence), linked to its chapter."
+    counts = {v: 0 for v in VERDICTS}
     lines = ["# Every claim, measured", "",
-             "Each chapter turns the source's claims into checks: a rule stated beside the claim turns this run's measurements into a verdict. "
-             "Nothing here is typed by hand: the table is built from the results records of the run that produced this site.", ""]
+             "Each chapter turns the source's claims into checks: a rule kept as code turns the run's measurements into a verdict, "
+             "and the record keeps the rule beside the evidence, with one measurement that would make it hold and one that would make it fail. "
+             "Nothing here is typed by hand: the cards are built from the results records of the run that produced this site.", ""]
     body = []
     for n in sorted(records):
         rec, e = records[n], CATALOG[n - 1]
-        body += [f"## [{e.heading}]({pages[n]})", "", f"> {e.question}", "", "| claim | source | verdict | rule | evidence |", "| --- | --- | --- | --- | --- |"]
-        for c in rec["claims"]:
-            counts[c["verdict"]] += 1
-            ev = ", ".join(f"{k}={format_value(v)}" for k, v in c["evidence"].items())
-            body.append(f"| {_md_cell(c['claim'])} | {_md_cell(c['source'])} | **{c['verdict']}** | {_md_cell(c['rule'])} | {_md_cell(ev)} |")
-        body.append("")
+        for c in rec["claims"]: counts[c["verdict"]] = counts.get(c["verdict"], 0) + 1
+        body += [f"## [{e.heading}]({pages[n]})", "", f"> {e.question}", "", "```{raw} html", claims_html(rec["claims"]), "```", ""]
     lines.append(f"{sum(counts.values())} claims from {len(records)} chapters: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".")
     return "\n".join(lines + [""] + body)
 

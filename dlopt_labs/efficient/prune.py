@@ -4,7 +4,7 @@
 
 # %% ../../nbs/efficient/15_prune.ipynb #81b27792
 from __future__ import annotations
-import copy
+import copy, math
 import pandas as pd
 import torch
 from torch import nn
@@ -14,8 +14,8 @@ from ..lab import exercise
 
 # %% auto #0
 __all__ = ['prunable', 'magnitude_masks', 'random_masks', 'apply_masks', 'weight_sparsity', 'KeepMasks', 'prune',
-           'layer_sensitivity', 'sparse_size_bytes', 'neuron_order', 'prune_neurons', 'try_pruning',
-           'check_mask_smallest', 'check_select_neurons']
+           'layer_sensitivity', 'layer_sparsity', 'sparse_size_bytes', 'neuron_order', 'prune_neurons',
+           'structured_params', 'keep_for_budget', 'try_pruning', 'check_capped_global_masks', 'check_csr_break_even']
 
 # %% ../../nbs/efficient/15_prune.ipynb #8ded4478
 def prunable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -104,6 +104,11 @@ def layer_sensitivity(model: nn.Module, # trained model
             rows.append(dict(layer=name, n_weights=w.numel(), sparsity=s, acc=evaluate(m, dl)["acc"]))
     return pd.DataFrame(rows)
 
+def layer_sparsity(masks: dict[str, torch.Tensor]) -> pd.DataFrame:
+    "Per pruned weight: its size, the fraction of it removed, and its output units left with no incoming weight."
+    return pd.DataFrame([dict(layer=name, weights=m.numel(), removed=1 - m.float().mean().item(),
+                              dead_units=int((~m.flatten(1).any(1)).sum()), units=m.shape[0]) for name, m in masks.items()])
+
 # %% ../../nbs/efficient/15_prune.ipynb #afec65b3
 def sparse_size_bytes(model: nn.Module) -> int:
     "Serialized size with every prunable weight stored as a CSR sparse tensor (values + indices)."
@@ -119,6 +124,11 @@ def neuron_order(weight: torch.Tensor) -> torch.Tensor:
     "Indices of output neurons (rows) from the largest L1 norm of their incoming weights to the smallest."
     return weight.detach().abs().flatten(1).sum(1).argsort(descending=True)
 
+def _linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    "A new Linear layer on the old one's device and dtype."
+    w = old.weight
+    return nn.Linear(in_features, out_features, bias=old.bias is not None, device=w.device, dtype=w.dtype)
+
 @torch.no_grad()
 def prune_neurons(model: nn.Sequential, # an MLP: Linear layers with activations (and dropout) between them
                   keep: float, # fraction of hidden neurons kept in each hidden layer
@@ -133,12 +143,27 @@ def prune_neurons(model: nn.Sequential, # an MLP: Linear layers with activations
         la, lb = layers[a], layers[b]
         k = max(1, round(keep * la.out_features))
         idx = neuron_order(la.weight)[:k].sort().values
-        na = nn.Linear(la.in_features, k, bias=la.bias is not None); na.weight.copy_(la.weight[idx])
+        na = _linear_like(la, la.in_features, k); na.weight.copy_(la.weight[idx])
         if la.bias is not None: na.bias.copy_(la.bias[idx])
-        nb = nn.Linear(k, lb.out_features, bias=lb.bias is not None); nb.weight.copy_(lb.weight[:, idx])
+        nb = _linear_like(lb, k, lb.out_features); nb.weight.copy_(lb.weight[:, idx])
         if lb.bias is not None: nb.bias.copy_(lb.bias)
         layers[a], layers[b] = na, nb
     return nn.Sequential(*layers)
+
+def structured_params(model: nn.Sequential, keep: float) -> int:
+    "Parameter count of `prune_neurons(model, keep)`, computed from the layer widths without building it."
+    lins = [l for l in model if isinstance(l, nn.Linear)]
+    sizes = [lins[0].in_features] + [max(1, round(keep * l.out_features)) for l in lins[:-1]] + [lins[-1].out_features]
+    return sum(a * b + (b if l.bias is not None else 0) for a, b, l in zip(sizes, sizes[1:], lins))
+
+def keep_for_budget(model: nn.Sequential, # the MLP `prune_neurons` will shrink
+                    params: int, # the parameter budget (e.g. the nonzero count of an unstructured pruning)
+                   ) -> float:
+    "The fraction of hidden neurons to keep so that the structured-pruned model's parameter count is closest to `params`."
+    widths = [l.out_features for l in model if isinstance(l, nn.Linear)][:-1]
+    if not widths: raise ValueError("the model has no hidden Linear layer to prune")
+    candidates = sorted({k / w for w in widths for k in range(1, w + 1)})
+    return min(candidates, key=lambda keep: abs(structured_params(model, keep) - params))
 
 # %% ../../nbs/efficient/15_prune.ipynb #51f30f4a
 def try_pruning(model: nn.Module, # the trained model
@@ -156,27 +181,47 @@ def try_pruning(model: nn.Module, # the trained model
                          for name, x in (("original", model), ("pruned", m))]).round(4)
 
 # %% ../../nbs/efficient/15_prune.ipynb #60e91a6e
-@exercise(1, "layer-wise magnitude mask")
-def check_mask_smallest(fn):
-    "Compare `fn(w, frac)` with `torch.nn.utils.prune.l1_unstructured` on random tensors."
-    import torch.nn.utils.prune as tp
+@exercise(1, "global magnitude ranking with a per-layer cap")
+def check_capped_global_masks(fn):
+    "`fn(weights, sparsity, cap)`: checked on the properties that define the answer, on layers of different scales."
     g = torch.Generator().manual_seed(0)
-    for shape, frac in (((20, 30), 0.5), ((7,), 0.3), ((4, 3, 3, 3), 0.9), ((10, 10), 0.0)):
-        lin = nn.Module(); lin.weight = nn.Parameter(torch.randn(*shape, generator=g))
-        want = tp.l1_unstructured(lin, "weight", amount=frac).weight_mask.bool()
-        got = fn(lin.weight_orig.detach().clone(), frac)
-        assert isinstance(got, torch.Tensor) and got.shape == want.shape, f"mask of shape {tuple(want.shape)} expected, got {getattr(got, 'shape', type(got))}"
-        assert torch.equal(got.bool(), want), f"for shape {shape} and frac {frac}, {int((got.bool() != want).sum())} entries differ from torch.nn.utils.prune"
+    for sizes, scales, sparsity, cap in ((((64, 32), (128, 64), (10, 128)), (1.0, 0.1, 0.05), 0.9, 0.95),
+                                         (((20,), (30, 5), (6, 6)), (0.01, 1.0, 0.5), 0.5, 0.6),
+                                         (((50, 4), (50, 4)), (1.0, 1.0), 0.3, 1.0)):
+        weights = {f"w{i}": scale * torch.randn(*shape, generator=g) for i, (shape, scale) in enumerate(zip(sizes, scales))}
+        masks = fn({k: w.clone() for k, w in weights.items()}, sparsity, cap)
+        assert isinstance(masks, dict) and set(masks) == set(weights), f"one mask per weight expected, for {sorted(weights)}"
+        total = sum(w.numel() for w in weights.values())
+        removed = {k: int((~masks[k].bool()).sum()) for k in weights}
+        assert sum(removed.values()) == round(sparsity * total), \
+            f"{round(sparsity * total)} of {total} weights should be removed, {sum(removed.values())} were"
+        for k, w in weights.items():
+            m = masks[k].bool()
+            assert m.shape == w.shape, f"mask {k} must have the weight's shape {tuple(w.shape)}"
+            assert removed[k] <= math.floor(cap * w.numel()), f"layer {k} lost {removed[k]} of {w.numel()} weights, above its cap"
+            if removed[k] and (~m).sum() < m.numel():
+                assert w[~m].abs().max() <= w[m].abs().min(), f"within layer {k}, a kept weight is smaller than a removed one"
+        uncapped = [k for k in weights if removed[k] < math.floor(cap * weights[k].numel())]
+        kept_min = min((weights[k][masks[k].bool()].abs().min() for k in uncapped if masks[k].bool().any()), default=math.inf)
+        removed_max = max(weights[k][~masks[k].bool()].abs().max() for k in weights if removed[k])
+        assert removed_max <= kept_min, "a layer below its cap kept a weight smaller than one removed elsewhere: rank globally"
+    try: fn({"a": torch.randn(10), "b": torch.randn(10)}, 0.9, 0.5); raise AssertionError("an impossible budget should raise ValueError")
+    except ValueError: pass
 
 # %% ../../nbs/efficient/15_prune.ipynb #2cc79c6d
-@exercise(2, "structured selection by L1 norm")
-def check_select_neurons(fn):
-    "Compare `fn(weight, k)` with the rows kept by `torch.nn.utils.prune.ln_structured(n=1, dim=0)`."
-    import torch.nn.utils.prune as tp
-    g = torch.Generator().manual_seed(1)
-    for rows, cols, k in ((16, 8, 4), (50, 3, 25), (5, 5, 5)):
-        lin = nn.Linear(cols, rows); nn.init.normal_(lin.weight, generator=g)
-        kept = tp.ln_structured(lin, "weight", amount=rows - k, n=1, dim=0).weight_mask.any(1).nonzero().flatten()
-        got = torch.as_tensor(fn(lin.weight_orig.detach().clone(), k))
-        assert got.numel() == k, f"{k} indices expected, got {got.numel()}"
-        assert torch.equal(got.sort().values, kept), f"rows {got.tolist()} kept, torch keeps {kept.tolist()}"
+@exercise(2, "break-even sparsity of CSR storage")
+def check_csr_break_even(fn):
+    "`fn(rows, cols, value_bytes, index_bytes)` against the byte counts of real CSR tensors at each sparsity."
+    for rows, cols, vb, ib in ((8, 16, 4, 8), (3, 40, 4, 8), (16, 2, 2, 8), (5, 7, 8, 4), (1, 1, 4, 8)):
+        n, dense = rows * cols, rows * cols * vb
+        want = None
+        for zeros in range(n + 1):                               # reference: count the bytes of an actual CSR tensor
+            x = torch.zeros(n); x[zeros:] = 1
+            csr = x.reshape(rows, cols).to_sparse_csr()
+            stored = csr.values().numel() * vb + (csr.col_indices().numel() + csr.crow_indices().numel()) * ib
+            if stored < dense: want = zeros / n; break
+        got = fn(rows, cols, vb, ib)
+        if want is None: assert got is None, f"{rows}x{cols} ({vb}-byte values, {ib}-byte indices): CSR is never smaller"
+        else:
+            assert got is not None and math.isclose(got, want, abs_tol=1e-12), \
+                f"{rows}x{cols} ({vb}-byte values, {ib}-byte indices): CSR is first smaller at {want:.4f} zeros, got {got}"

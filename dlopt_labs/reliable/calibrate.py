@@ -15,7 +15,7 @@ from ..lab import exercise
 # %% auto #0
 __all__ = ['reliability_table', 'ece', 'nll', 'brier', 'report', 'reliability_plot', 'ece_null', 'ece_interval',
            'fit_temperature', 'mc_dropout_probs', 'ensemble_probs', 'risk_coverage', 'aurc', 'try_calibration',
-           'check_brier', 'check_grid_temperature']
+           'check_ece_equal_mass', 'check_histogram_binning']
 
 # %% ../../nbs/reliable/29_calibrate.ipynb #4c8e7336
 def _check(probs, y):
@@ -111,25 +111,31 @@ def fit_temperature(logits: torch.Tensor, # (n, classes) validation logits
     return log_t.detach().exp().item()
 
 # %% ../../nbs/reliable/29_calibrate.ipynb #52426063
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
 @torch.no_grad()
 def mc_dropout_probs(model: nn.Module, # a model with dropout layers
-                     x: torch.Tensor, # inputs
+                     x: torch.Tensor, # inputs (moved to the model's device)
                      n_samples: int = 20, # stochastic forward passes
                      seed: int = 0, # seed of the dropout masks
                     ) -> torch.Tensor:
-    "Mean softmax over `n_samples` passes with only the dropout layers in training mode."
+    "Mean softmax over `n_samples` passes with only the dropout layers in training mode (on the CPU)."
     drops = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
     if not drops: raise ValueError("mc_dropout_probs needs a model with dropout layers; this one has none")
     was = model.training; model.eval()
     for m in drops: m.train()
     torch.manual_seed(seed)
-    try: return torch.stack([model(x).float().softmax(1) for _ in range(n_samples)]).mean(0)
+    x = x.to(_device(model))
+    try: return torch.stack([model(x).float().softmax(1) for _ in range(n_samples)]).mean(0).cpu()
     finally: model.train(was)
 
 @torch.no_grad()
-def ensemble_probs(models: list, x: torch.Tensor) -> torch.Tensor:
-    "Mean softmax of several models in eval mode."
-    return torch.stack([m.eval()(x).float().softmax(1) for m in models]).mean(0)
+def ensemble_probs(models: list, # trained models, each on its own device
+                   x: torch.Tensor, # inputs (moved to each model's device)
+                  ) -> torch.Tensor:
+    "Mean softmax of several models in eval mode (on the CPU)."
+    return torch.stack([m.eval()(x.to(_device(m))).float().softmax(1).cpu() for m in models]).mean(0)
 
 # %% ../../nbs/reliable/29_calibrate.ipynb #e4ce9ba6
 def risk_coverage(probs, y) -> pd.DataFrame:
@@ -158,7 +164,7 @@ def try_calibration(model: nn.Module, # trained classifier
     if temperature <= 0: raise ValueError(f"temperature must be > 0, got {temperature}")
     g = torch.Generator().manual_seed(seed)
     xn = (x + noise * torch.randn(x.shape, generator=g)).clamp(0, 1) if noise else x
-    with torch.no_grad(): p = (model.eval()(xn) / temperature).softmax(1)
+    with torch.no_grad(): p = (model.eval()(xn.to(_device(model))) / temperature).softmax(1).cpu()
     if plot:
         import matplotlib.pyplot as plt
         ax = reliability_plot(p, y, n_bins, ax=plt.figure(figsize=(4, 4)).gca(), label=f"T={temperature:g}")
@@ -166,27 +172,40 @@ def try_calibration(model: nn.Module, # trained classifier
     return pd.DataFrame([dict(temperature=temperature, noise=noise, **report(p, y, n_bins))]).round(4)
 
 # %% ../../nbs/reliable/29_calibrate.ipynb #aca7deda
-@exercise(1, "multi-class Brier score")
-def check_brier(fn):
-    "Compare `fn(probs, y)` with the Brier score computed from one-hot labels, on random predictions."
+@exercise(1, "ECE with equal-mass bins")
+def check_ece_equal_mass(fn):
+    "`fn(probs, y, n_bins)` against a reference built from sorted confidences, on predictions where bin widths matter."
     g = torch.Generator().manual_seed(0)
-    for n, k in ((50, 3), (200, 10), (1, 2)):
-        p = torch.rand(n, k, generator=g, dtype=torch.float64).softmax(1); y = torch.randint(k, (n,), generator=g)
-        want = ((p - F.one_hot(y, k).double()) ** 2).sum(1).mean().item()
-        got = float(fn(p, y))
-        assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9), f"for {n} samples of {k} classes: got {got:.6f}, expected {want:.6f}"
-    p = torch.eye(4, dtype=torch.float64); assert abs(float(fn(p, torch.arange(4)))) < 1e-12, "perfect predictions must score 0"
+    for n, k, n_bins, sharp in ((500, 4, 10, 4.0), (97, 3, 7, 2.0), (40, 10, 40, 6.0)):
+        y = torch.randint(k, (n,), generator=g)
+        logits = sharp * (F.one_hot(y, k) + 0.8 * torch.randn(n, k, generator=g, dtype=torch.float64))
+        probs = logits.softmax(1)
+        conf, pred = probs.max(1)
+        order = np.argsort(conf.numpy(), kind="stable")
+        want = sum(len(i) / n * abs(float((pred[i] == y[i]).double().mean()) - float(conf[i].mean()))
+                   for i in map(torch.as_tensor, np.array_split(order, n_bins)))
+        got = float(fn(probs, y, n_bins))
+        assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9), \
+            f"n={n}, {n_bins} bins: equal-mass ECE should be {want:.5f}, got {got:.5f}"
+    probs = torch.tensor([[0.7, 0.3]] * 10, dtype=torch.float64); y = torch.tensor([0] * 7 + [1] * 3)
+    assert abs(float(fn(probs, y, 5))) < 1e-12, "70% confident and right 70% of the time: the ECE must be 0"
 
 # %% ../../nbs/reliable/29_calibrate.ipynb #0f618328
-@exercise(2, "temperature by grid search")
-def check_grid_temperature(fn):
-    "`fn(logits, y, grid)` must return the grid's best temperature, as an exhaustive NLL evaluation finds it."
-    g = torch.Generator().manual_seed(2)
-    grid = torch.linspace(0.2, 5, 97, dtype=torch.float64)
-    for scale in (3.0, 0.5):
-        y = torch.randint(4, (300,), generator=g)
-        logits = (F.one_hot(y, 4) * 2 + torch.randn(300, 4, generator=g)).double() * scale
-        want = grid[torch.stack([F.cross_entropy(logits / t, y) for t in grid]).argmin()].item()
-        got = float(fn(logits, y, grid))
-        assert math.isclose(got, want, rel_tol=1e-9), f"grid search should pick T={want:.3f}, got {got:.3f}"
-        assert abs(got - fit_temperature(logits, y)) <= 0.05 + 1e-9, "the grid optimum should be within one grid step of fit_temperature"
+@exercise(2, "histogram binning fitted on validation data")
+def check_histogram_binning(fn):
+    "`fn(conf_val, correct_val, conf_new, n_bins)` against per-bin accuracies computed with explicit bin edges."
+    rng = np.random.default_rng(1)
+    for n_val, n_bins in ((400, 10), (60, 15), (1000, 5)):
+        conf_val = np.concatenate([rng.uniform(0.3, 1.0, n_val - 3), [1.0, 0.5, 0.0]])    # the closed last bin, an edge, zero
+        correct_val = (rng.uniform(size=n_val) < conf_val ** 2).astype(float)
+        conf_new = np.concatenate([rng.uniform(0.0, 1.0, 50), [1.0, 0.0, 0.5]])
+        edges = [i / n_bins for i in range(n_bins + 1)]
+        def bin_of(c): return n_bins - 1 if c >= 1.0 else next(b for b in range(n_bins) if edges[b] <= c < edges[b + 1])
+        val_bins = np.array([bin_of(c) for c in conf_val])
+        want = np.array([correct_val[val_bins == b].mean() if (val_bins == b).any() else (edges[b] + edges[b + 1]) / 2
+                         for b in map(bin_of, conf_new)])
+        got = np.asarray(fn(torch.tensor(conf_val), torch.tensor(correct_val), torch.tensor(conf_new), n_bins), dtype=float)
+        assert got.shape == want.shape, f"one calibrated confidence per new prediction expected: shape {want.shape}, got {got.shape}"
+        wrong = np.flatnonzero(~np.isclose(got, want, atol=1e-9))
+        assert not len(wrong), (f"{len(wrong)} of {len(want)} calibrated confidences differ, e.g. confidence "
+                                f"{conf_new[wrong[0]]:.3f} should map to {want[wrong[0]]:.4f}, got {got[wrong[0]]:.4f}")
