@@ -7,7 +7,7 @@ import nbformat
 import pytest
 
 from dlopt_labs.course.chapters import written_chapters
-from dlopt_labs.lab import check_record, VERDICTS
+from dlopt_labs.lab import check_record, judge, VERDICTS
 import conftest
 
 CHAPTERS = conftest.selected_chapters()
@@ -39,6 +39,26 @@ def test_results_record_complete(records, n):
     assert len(ex) == meta.exercises and all(e["status"] == "passed" for e in ex), f"solved exercises must pass: {ex}"
     assert rec["env"]["versions"]["torch"] and rec["env"]["cpu"]["logical_cores"] >= 1
     assert [s["name"] for s in rec["sections"]][-1] == "end" and all(s["seconds"] >= 0 for s in rec["sections"])
+
+
+@pytest.mark.parametrize("n", sorted(CHAPTERS))
+def test_every_verdict_recomputes_from_its_record(records, n):
+    """Anyone can recompute every verdict from the record alone: the stored rule on the stored evidence gives the stored
+    verdict, and the rule gives "holds" and "fails" on the two measurements kept beside it (it can come out either way)."""
+    for c in records[n]["claims"]:
+        rule = (c["holds"], c["fails"], c["otherwise"])
+        assert judge(c["evidence"], *rule) == c["verdict"], c["key"]
+        assert judge({**c["evidence"], **c["would_hold"]}, *rule) == "holds", c["key"]
+        assert judge({**c["evidence"], **c["would_fail"]}, *rule) == "fails", c["key"]
+        assert c["rule"] == f"holds if {c['holds']}; fails if {c['fails']}; else {c['otherwise']}"
+
+
+@pytest.mark.parametrize("n", sorted(CHAPTERS))
+def test_chapter_code_lines_fit_the_page(n):
+    """Chapter code a reader can follow: no code line longer than 100 characters in the chapter's notebook."""
+    nb = nbformat.read(CHAPTERS[n].path, as_version=4)
+    long = [(i, len(l)) for i, c in enumerate(nb.cells) if c.cell_type == "code" for l in c.source.splitlines() if len(l) > 100]
+    assert not long, f"cells and line lengths over 100: {long}"
 
 
 @pytest.mark.parametrize("name", [p.name for p in conftest.foundation_notebooks()])

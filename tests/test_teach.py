@@ -112,18 +112,19 @@ def submissions(bundle, tmp_path_factory):
     b.cells.insert(i + 2, nbformat.v4.new_code_cell('raise RuntimeError("a planted error")')); nbformat.write(b, d / "cell_raises.ipynb")
     b = copy.deepcopy(nb)
     for c in b.cells:
-        if "def select_neurons" in c.source:
-            c.source = c.source.replace("    return weight.abs().sum(1).argsort(descending=True)[:k].sort().values", "    while True: pass")
+        if "def csr_break_even" in c.source:
+            c.source = c.source.replace("    n = rows * cols\n", "    while True: pass\n")
             assert "while True" in c.source
     nbformat.write(b, d / "infinite_loop.ipynb")
     b = copy.deepcopy(nb)
     for c in b.cells:
-        if "def mask_smallest" in c.source: c.source = c.source.replace("check_mask_smallest(mask_smallest)", "")
+        if "def capped_global_masks" in c.source: c.source = c.source.split("### END SOLUTION")[0] + "### END SOLUTION\n"
     nbformat.write(b, d / "deleted_check.ipynb")
     b = copy.deepcopy(nb)                                  # a learner who "fixes" the check cannot fool the grader
     for c in b.cells:
-        if "def mask_smallest" in c.source:
-            c.source = c.source.split("### BEGIN SOLUTION")[0] + "    return torch.ones_like(w, dtype=torch.bool)\n\ncheck_mask_smallest = lambda fn: None\ncheck_mask_smallest(mask_smallest)"
+        if "def capped_global_masks" in c.source:
+            c.source = (c.source.split("### BEGIN SOLUTION")[0] + "    return {}\n\ncheck_capped_global_masks = lambda fn: None\n"
+                        "check_capped_global_masks(capped_global_masks)")
     nbformat.write(b, d / "edited_check.ipynb")
     return d
 
@@ -155,7 +156,7 @@ def test_broken_submissions_get_their_row_and_reason(graded):
     assert loop.loc[1, "status"] == "passed" and loop.loc[2, "status"] == "timed out"
     deleted = _rows(df, "/deleted_check.ipynb"); assert (deleted.status == "passed").all() and "was deleted" in deleted.message.iloc[0]
     edited = _rows(df, "/edited_check.ipynb").set_index("exercise"); assert edited.loc[1, "status"] == "failed"
-    assert "entries differ from torch.nn.utils.prune" in edited.loc[1, "message"]
+    assert "one mask per weight expected" in edited.loc[1, "message"]
 
 
 def test_grader_prints_a_summary_and_its_exit_status_says_not_all_could_be_graded(graded):

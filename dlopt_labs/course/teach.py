@@ -15,12 +15,14 @@ from .chapters import ChapterError, resolve, written_chapters, front_matter
 from .runner import ipc_kernel_manager, parallel
 
 # %% auto #0
-__all__ = ['BEGIN', 'END', 'GRADE_MARK', 'STATUSES', 'Exercise', 'exercises', 'strip_solutions', 'student_notebook',
-           'student_bundle', 'GradeRow', 'grade_one', 'grade', 'syllabus']
+__all__ = ['BEGIN', 'END', 'HIDDEN_BEGIN', 'HIDDEN_END', 'GRADE_MARK', 'STATUSES', 'Exercise', 'strip_hidden', 'exercises',
+           'strip_solutions', 'student_notebook', 'student_bundle', 'GradeRow', 'grade_one', 'grade', 'syllabus']
 
 # %% ../../nbs/course/02_teach.ipynb #5ed0c2cc
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
-_CHECK_CALL = re.compile(r"^\s*(check_\w+)\((.*)\)\s*$", re.M)
+HIDDEN_BEGIN, HIDDEN_END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"   # instructors' tests: the grader runs them, students never see them
+# a check call on a line of its own, `check_f(f)`, or guarding what uses the solution, `if check_f(f).status == "passed":`
+_CHECK_CALL = re.compile(r'^\s*(?:if\s+)?(check_\w+)\((.*?)\)(?:\.status\s*==\s*"passed"\s*:)?\s*(?:#.*)?$', re.M)
 
 @dataclass
 class Exercise:
@@ -31,6 +33,22 @@ class Exercise:
     check: str          # name of the exported check function
     args: str           # the argument expression of the check call (names the learner defines)
     cell: int           # index of the solution cell in the course's notebook
+    hidden: str = ""    # the instructors' hidden tests of the solution cell (run by the grader after a passed check)
+
+def _blocks(source: str, begin: str, end: str) -> tuple[str, str]:
+    "The source without its begin/end blocks, and the blocks' contents (dedented); raises on an unclosed block."
+    import textwrap
+    kept, inside, found = [], False, []
+    for line in source.split("\n"):
+        if line.strip() == begin: inside = True; continue
+        if line.strip() == end: inside = False; continue
+        (found if inside else kept).append(line)
+    if inside: raise ChapterError(f"{begin} without {end}")
+    return "\n".join(kept), textwrap.dedent("\n".join(found))
+
+def strip_hidden(source: str) -> str:
+    "A cell's source without its hidden-test blocks."
+    return _blocks(source, HIDDEN_BEGIN, HIDDEN_END)[0]
 
 def exercises(chapter) -> list[Exercise]:
     "The exercises of a written chapter, from its notebook and its module's exported checks."
@@ -47,7 +65,7 @@ def exercises(chapter) -> list[Exercise]:
         if fn is None or not hasattr(fn, "exercise"):
             raise ChapterError(f"chapter {ch.number}: {m.group(1)} is not an exported @exercise check of {ch.module}")
         n, title, points = fn.exercise
-        out.append(Exercise(n, title, points, m.group(1), m.group(2), i))
+        out.append(Exercise(n, title, points, m.group(1), m.group(2), i, _blocks(cell.source, HIDDEN_BEGIN, HIDDEN_END)[1]))
     return sorted(out, key=lambda e: e.n)
 
 # %% ../../nbs/course/02_teach.ipynb #64b08376
@@ -70,12 +88,13 @@ def strip_solutions(source: str, # a cell's source
     return "\n".join(out)
 
 def student_notebook(chapter) -> nbformat.NotebookNode:
-    "The student version of a chapter: solutions stubbed, outputs cleared."
+    "The student version of a chapter: solutions stubbed, hidden tests removed, outputs cleared."
     ch = resolve(chapter)
     nb = nbformat.read(ch.path, as_version=4)
     by_cell = {e.cell: e for e in exercises(ch.number)}
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
+            cell.source = strip_hidden(cell.source)
             if i in by_cell:
                 e = by_cell[i]; cell.source = strip_solutions(cell.source, f"exercise {e.n} ({e.title})")
             cell.outputs, cell.execution_count = [], None
@@ -138,7 +157,13 @@ _signal.signal(_signal.SIGALRM, _alarm); _signal.alarm({limit})
 try:
     try: _args = ({e.args},)
     except NameError as _e: _res = _ER({e.n}, {e.title!r}, "not done", f"{{_e}}: the exercise's function is missing", {e.points})
-    else: _res = _check(*_args)
+    else:
+        _res = _check(*_args)
+        if _res.status == "passed" and {bool(e.hidden)!r}:
+            try: exec({e.hidden!r}, globals())
+            except AssertionError as _e: _res = _ER({e.n}, {e.title!r}, "failed", f"a hidden test failed: {{_e}}", {e.points})
+            except TimeoutError: raise
+            except Exception as _e: _res = _ER({e.n}, {e.title!r}, "failed", f"a hidden test failed: {{type(_e).__name__}}: {{_e}}", {e.points})
 finally: _signal.alarm(0)
 print({GRADE_MARK!r} + _json.dumps(_asdict(_res)))'''
 

@@ -21,29 +21,53 @@ __all__ = ['reliability_table', 'ece', 'nll', 'brier', 'report', 'reliability_pl
 def _check(probs, y):
     probs, y = torch.as_tensor(probs, dtype=torch.float64), torch.as_tensor(y)
     if probs.dim() != 2 or len(probs) != len(y):
-        raise ValueError(f"probs must be (n, classes) with one label per row; got probs {tuple(probs.shape)}, labels {tuple(y.shape)}")
-    if (probs < 0).any() or not torch.allclose(probs.sum(1), torch.ones(len(probs), dtype=probs.dtype), atol=1e-4):
-        raise ValueError("probs must be probabilities (non-negative rows summing to 1): pass logits.softmax(1), not logits")
+        raise ValueError(
+            f"probs must be (n, classes) with one label per row; "
+            f"got probs {tuple(probs.shape)}, labels {tuple(y.shape)}"
+        )
+    if (probs < 0).any() or not torch.allclose(
+        probs.sum(1), torch.ones(len(probs), dtype=probs.dtype), atol=1e-4
+    ):
+        raise ValueError(
+            "probs must be probabilities (non-negative rows summing to 1): "
+            "pass logits.softmax(1), not logits"
+        )
     return probs, y.long()
+
 
 def _bins(conf, n_bins):
     edges = torch.linspace(0, 1, n_bins + 1, dtype=conf.dtype)
     return (torch.bucketize(conf, edges, right=True) - 1).clamp(0, n_bins - 1)
 
-def reliability_table(probs, # (n, classes) predicted probabilities
-                      y, # (n,) true labels
-                      n_bins: int = 15, # equal-width confidence bins
-                     ) -> pd.DataFrame:
+
+def reliability_table(
+    probs,  # (n, classes) predicted probabilities
+    y,  # (n,) true labels
+    n_bins: int = 15,  # equal-width confidence bins
+) -> pd.DataFrame:
     "Per confidence bin: count, mean confidence, accuracy and their gap."
     probs, y = _check(probs, y)
-    conf, pred = probs.max(1); correct = (pred == y).double(); b = _bins(conf, n_bins)
+    conf, pred = probs.max(1)
+    correct = (pred == y).double()
+    b = _bins(conf, n_bins)
     rows = []
     for i in range(n_bins):
-        m = b == i; n = int(m.sum())
-        rows.append(dict(bin=i, lo=i / n_bins, hi=(i + 1) / n_bins, count=n,
-                         confidence=float(conf[m].mean()) if n else np.nan, accuracy=float(correct[m].mean()) if n else np.nan))
-    t = pd.DataFrame(rows); t["gap"] = t.accuracy - t.confidence
+        m = b == i
+        n = int(m.sum())
+        rows.append(
+            dict(
+                bin=i,
+                lo=i / n_bins,
+                hi=(i + 1) / n_bins,
+                count=n,
+                confidence=float(conf[m].mean()) if n else np.nan,
+                accuracy=float(correct[m].mean()) if n else np.nan,
+            )
+        )
+    t = pd.DataFrame(rows)
+    t["gap"] = t.accuracy - t.confidence
     return t
+
 
 def ece(probs, y, n_bins: int = 15) -> float:
     "Expected calibration error (L1, equal-width bins), in [0, 1]."
@@ -53,60 +77,88 @@ def ece(probs, y, n_bins: int = 15) -> float:
     gap = torch.bincount(_bins(conf, n_bins), weights=(pred == y).double() - conf, minlength=n_bins)
     return float(gap.abs().sum() / len(y))
 
+
 def nll(probs, y) -> float:
     "Mean negative log-likelihood of the true labels."
     probs, y = _check(probs, y)
     return float(-probs[torch.arange(len(y)), y].clamp_min(1e-12).log().mean())
 
+
 def brier(probs, y) -> float:
-    "Multi-class Brier score: mean squared distance between the probabilities and the one-hot label."
+    "Multi-class Brier score: mean squared distance of the probabilities to the one-hot label."
     probs, y = _check(probs, y)
     return float(((probs - F.one_hot(y, probs.shape[1]).double()) ** 2).sum(1).mean())
+
 
 def report(probs, y, n_bins: int = 15) -> dict:
     "Accuracy, mean confidence, ECE, NLL and Brier of one set of predictions."
     p, yy = _check(probs, y)
-    return dict(acc=float((p.argmax(1) == yy).double().mean()), confidence=float(p.max(1).values.mean()),
-                ece=ece(p, yy, n_bins), nll=nll(p, yy), brier=brier(p, yy))
+    return dict(
+        acc=float((p.argmax(1) == yy).double().mean()),
+        confidence=float(p.max(1).values.mean()),
+        ece=ece(p, yy, n_bins),
+        nll=nll(p, yy),
+        brier=brier(p, yy),
+    )
 
 # %% ../../nbs/reliable/29_calibrate.ipynb #01f61f59
 def reliability_plot(probs, y, n_bins: int = 15, ax=None, label: str = "model"):
-    "Reliability diagram: accuracy against confidence per bin (marker size: share of predictions), with the diagonal."
+    "Reliability diagram: accuracy against confidence per bin, with the diagonal."
     t = reliability_table(probs, y, n_bins).dropna()
     if ax is None:
-        import matplotlib.pyplot as plt  # imported when drawn: the module itself needs no matplotlib
+        import matplotlib.pyplot as plt  # imported when drawn: the module needs no matplotlib
+
         ax = plt.gca()
     ax.plot([0, 1], [0, 1], ls=":", color="grey")
-    ax.plot(t.confidence, t.accuracy, marker="o", label=f"{label} (ECE {ece(probs, y, n_bins):.3f})")
+    ax.plot(
+        t.confidence, t.accuracy, marker="o", label=f"{label} (ECE {ece(probs, y, n_bins):.3f})"
+    )
     ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02))
     return ax
 
 # %% ../../nbs/reliable/29_calibrate.ipynb #a3b6cf33
 def ece_null(probs, n_bins: int = 15, n_sim: int = 200, seed: int = 0) -> np.ndarray:
-    "ECE values of a perfectly calibrated model with these probabilities (labels sampled from them)."
+    "ECE values of a perfectly calibrated model with these probabilities (labels drawn from them)."
     probs = torch.as_tensor(probs, dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
-    return np.array([ece(probs, torch.multinomial(probs, 1, generator=g).squeeze(1), n_bins) for _ in range(n_sim)])
+    return np.array(
+        [
+            ece(probs, torch.multinomial(probs, 1, generator=g).squeeze(1), n_bins)
+            for _ in range(n_sim)
+        ]
+    )
 
-def ece_interval(probs, y, n_bins: int = 15, n_boot: int = 200, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+
+def ece_interval(
+    probs, y, n_bins: int = 15, n_boot: int = 200, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     "Percentile bootstrap interval of the ECE over resampled test sets."
     probs, y = _check(probs, y)
     g = torch.Generator().manual_seed(seed)
-    vals = [ece(probs[i], y[i], n_bins) for i in (torch.randint(len(y), (len(y),), generator=g) for _ in range(n_boot))]
+    vals = [
+        ece(probs[i], y[i], n_bins)
+        for i in (torch.randint(len(y), (len(y),), generator=g) for _ in range(n_boot))
+    ]
     a = (1 - level) / 2
     return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
 
 # %% ../../nbs/reliable/29_calibrate.ipynb #a6855c35
-def fit_temperature(logits: torch.Tensor, # (n, classes) validation logits
-                    y: torch.Tensor, # (n,) validation labels
-                    max_iter: int = 200, # L-BFGS iterations
-                   ) -> float:
+def fit_temperature(
+    logits: torch.Tensor,  # (n, classes) validation logits
+    y: torch.Tensor,  # (n,) validation labels
+    max_iter: int = 200,  # L-BFGS iterations
+) -> float:
     "The temperature T > 0 minimising the NLL of softmax(logits / T), fitted by L-BFGS on log T."
     logits, y = torch.as_tensor(logits, dtype=torch.float64).detach(), torch.as_tensor(y).long()
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
     def closure():
-        opt.zero_grad(); loss = F.cross_entropy(logits / log_t.exp(), y); loss.backward(); return loss
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), y)
+        loss.backward()
+        return loss
+
     opt.step(closure)
     return log_t.detach().exp().item()
 
@@ -114,28 +166,39 @@ def fit_temperature(logits: torch.Tensor, # (n, classes) validation logits
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
-@torch.no_grad()
-def mc_dropout_probs(model: nn.Module, # a model with dropout layers
-                     x: torch.Tensor, # inputs (moved to the model's device)
-                     n_samples: int = 20, # stochastic forward passes
-                     seed: int = 0, # seed of the dropout masks
-                    ) -> torch.Tensor:
-    "Mean softmax over `n_samples` passes with only the dropout layers in training mode (on the CPU)."
-    drops = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-    if not drops: raise ValueError("mc_dropout_probs needs a model with dropout layers; this one has none")
-    was = model.training; model.eval()
-    for m in drops: m.train()
-    torch.manual_seed(seed)
-    x = x.to(_device(model))
-    try: return torch.stack([model(x).float().softmax(1) for _ in range(n_samples)]).mean(0).cpu()
-    finally: model.train(was)
 
 @torch.no_grad()
-def ensemble_probs(models: list, # trained models, each on its own device
-                   x: torch.Tensor, # inputs (moved to each model's device)
-                  ) -> torch.Tensor:
+def mc_dropout_probs(
+    model: nn.Module,  # a model with dropout layers
+    x: torch.Tensor,  # inputs (moved to the model's device)
+    n_samples: int = 20,  # stochastic forward passes
+    seed: int = 0,  # seed of the dropout masks
+) -> torch.Tensor:
+    "Mean softmax over `n_samples` passes with only the dropout layers in training mode (on CPU)."
+    drops = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    if not drops:
+        raise ValueError("mc_dropout_probs needs a model with dropout layers; this one has none")
+    was = model.training
+    model.eval()
+    for m in drops:
+        m.train()
+    torch.manual_seed(seed)
+    x = x.to(_device(model))
+    try:
+        return torch.stack([model(x).float().softmax(1) for _ in range(n_samples)]).mean(0).cpu()
+    finally:
+        model.train(was)
+
+
+@torch.no_grad()
+def ensemble_probs(
+    models: list,  # trained models, each on its own device
+    x: torch.Tensor,  # inputs (moved to each model's device)
+) -> torch.Tensor:
     "Mean softmax of several models in eval mode (on the CPU)."
-    return torch.stack([m.eval()(x.to(_device(m))).float().softmax(1).cpu() for m in models]).mean(0)
+    return torch.stack([m.eval()(x.to(_device(m))).float().softmax(1).cpu() for m in models]).mean(
+        0
+    )
 
 # %% ../../nbs/reliable/29_calibrate.ipynb #e4ce9ba6
 def risk_coverage(probs, y) -> pd.DataFrame:
@@ -146,66 +209,107 @@ def risk_coverage(probs, y) -> pd.DataFrame:
     n = torch.arange(1, len(y) + 1, dtype=torch.float64)
     return pd.DataFrame(dict(coverage=(n / len(y)).numpy(), risk=(wrong.cumsum(0) / n).numpy()))
 
+
 def aurc(probs, y) -> float:
     "Area under the risk-coverage curve (lower is better)."
     return float(risk_coverage(probs, y).risk.mean())
 
 # %% ../../nbs/reliable/29_calibrate.ipynb #2178b3f7
-def try_calibration(model: nn.Module, # trained classifier
-                    x: torch.Tensor, # test inputs
-                    y: torch.Tensor, # test labels
-                    temperature: float = 1.0, # logits are divided by this
-                    noise: float = 0.0, # std of Gaussian noise added to the inputs (clamped to [0, 1])
-                    n_bins: int = 15, # ECE bins
-                    seed: int = 0, # seed of the noise
-                    plot: bool = True, # draw the reliability diagram
-                   ) -> pd.DataFrame:
+def try_calibration(
+    model: nn.Module,  # trained classifier
+    x: torch.Tensor,  # test inputs
+    y: torch.Tensor,  # test labels
+    temperature: float = 1.0,  # logits are divided by this
+    noise: float = 0.0,  # std of Gaussian noise added to the inputs (clamped to [0, 1])
+    n_bins: int = 15,  # ECE bins
+    seed: int = 0,  # seed of the noise
+    plot: bool = True,  # draw the reliability diagram
+) -> pd.DataFrame:
     "Scores (and reliability diagram) of `model` at a temperature and an input-noise level."
-    if temperature <= 0: raise ValueError(f"temperature must be > 0, got {temperature}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     g = torch.Generator().manual_seed(seed)
     xn = (x + noise * torch.randn(x.shape, generator=g)).clamp(0, 1) if noise else x
-    with torch.no_grad(): p = (model.eval()(xn.to(_device(model))) / temperature).softmax(1).cpu()
+    with torch.no_grad():
+        p = (model.eval()(xn.to(_device(model))) / temperature).softmax(1).cpu()
     if plot:
         import matplotlib.pyplot as plt
-        ax = reliability_plot(p, y, n_bins, ax=plt.figure(figsize=(4, 4)).gca(), label=f"T={temperature:g}")
-        ax.legend(); plt.show()
-    return pd.DataFrame([dict(temperature=temperature, noise=noise, **report(p, y, n_bins))]).round(4)
+
+        ax = reliability_plot(
+            p, y, n_bins, ax=plt.figure(figsize=(4, 4)).gca(), label=f"T={temperature:g}"
+        )
+        ax.legend()
+        plt.show()
+    return pd.DataFrame([dict(temperature=temperature, noise=noise, **report(p, y, n_bins))]).round(
+        4
+    )
 
 # %% ../../nbs/reliable/29_calibrate.ipynb #aca7deda
 @exercise(1, "ECE with equal-mass bins")
 def check_ece_equal_mass(fn):
-    "`fn(probs, y, n_bins)` against a reference built from sorted confidences, on predictions where bin widths matter."
+    "`fn(probs, y, n_bins)` against a reference from sorted confidences, where bin widths matter."
     g = torch.Generator().manual_seed(0)
     for n, k, n_bins, sharp in ((500, 4, 10, 4.0), (97, 3, 7, 2.0), (40, 10, 40, 6.0)):
         y = torch.randint(k, (n,), generator=g)
-        logits = sharp * (F.one_hot(y, k) + 0.8 * torch.randn(n, k, generator=g, dtype=torch.float64))
+        logits = sharp * (
+            F.one_hot(y, k) + 0.8 * torch.randn(n, k, generator=g, dtype=torch.float64)
+        )
         probs = logits.softmax(1)
         conf, pred = probs.max(1)
         order = np.argsort(conf.numpy(), kind="stable")
-        want = sum(len(i) / n * abs(float((pred[i] == y[i]).double().mean()) - float(conf[i].mean()))
-                   for i in map(torch.as_tensor, np.array_split(order, n_bins)))
+        want = sum(
+            len(i) / n * abs(float((pred[i] == y[i]).double().mean()) - float(conf[i].mean()))
+            for i in map(torch.as_tensor, np.array_split(order, n_bins))
+        )
         got = float(fn(probs, y, n_bins))
-        assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9), \
+        assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9), (
             f"n={n}, {n_bins} bins: equal-mass ECE should be {want:.5f}, got {got:.5f}"
-    probs = torch.tensor([[0.7, 0.3]] * 10, dtype=torch.float64); y = torch.tensor([0] * 7 + [1] * 3)
-    assert abs(float(fn(probs, y, 5))) < 1e-12, "70% confident and right 70% of the time: the ECE must be 0"
+        )
+    probs = torch.tensor([[0.7, 0.3]] * 10, dtype=torch.float64)
+    y = torch.tensor([0] * 7 + [1] * 3)
+    assert abs(float(fn(probs, y, 1))) < 1e-12, (
+        "one bin, 70% confident and right 70% of the time: the ECE must be 0"
+    )
 
 # %% ../../nbs/reliable/29_calibrate.ipynb #0f618328
 @exercise(2, "histogram binning fitted on validation data")
 def check_histogram_binning(fn):
-    "`fn(conf_val, correct_val, conf_new, n_bins)` against per-bin accuracies computed with explicit bin edges."
+    "`fn(conf_val, correct_val, conf_new, n_bins)` against per-bin accuracies from explicit edges."
     rng = np.random.default_rng(1)
     for n_val, n_bins in ((400, 10), (60, 15), (1000, 5)):
-        conf_val = np.concatenate([rng.uniform(0.3, 1.0, n_val - 3), [1.0, 0.5, 0.0]])    # the closed last bin, an edge, zero
-        correct_val = (rng.uniform(size=n_val) < conf_val ** 2).astype(float)
+        conf_val = np.concatenate(
+            [rng.uniform(0.3, 1.0, n_val - 3), [1.0, 0.5, 0.0]]
+        )  # the closed last bin, an edge, zero
+        correct_val = (rng.uniform(size=n_val) < conf_val**2).astype(float)
         conf_new = np.concatenate([rng.uniform(0.0, 1.0, 50), [1.0, 0.0, 0.5]])
         edges = [i / n_bins for i in range(n_bins + 1)]
-        def bin_of(c): return n_bins - 1 if c >= 1.0 else next(b for b in range(n_bins) if edges[b] <= c < edges[b + 1])
+
+        def bin_of(c):
+            return (
+                n_bins - 1
+                if c >= 1.0
+                else next(b for b in range(n_bins) if edges[b] <= c < edges[b + 1])
+            )
+
         val_bins = np.array([bin_of(c) for c in conf_val])
-        want = np.array([correct_val[val_bins == b].mean() if (val_bins == b).any() else (edges[b] + edges[b + 1]) / 2
-                         for b in map(bin_of, conf_new)])
-        got = np.asarray(fn(torch.tensor(conf_val), torch.tensor(correct_val), torch.tensor(conf_new), n_bins), dtype=float)
-        assert got.shape == want.shape, f"one calibrated confidence per new prediction expected: shape {want.shape}, got {got.shape}"
+        want = np.array(
+            [
+                correct_val[val_bins == b].mean()
+                if (val_bins == b).any()
+                else (edges[b] + edges[b + 1]) / 2
+                for b in map(bin_of, conf_new)
+            ]
+        )
+        got = np.asarray(
+            fn(torch.tensor(conf_val), torch.tensor(correct_val), torch.tensor(conf_new), n_bins),
+            dtype=float,
+        )
+        assert got.shape == want.shape, (
+            f"one calibrated confidence per new prediction expected: "
+            f"shape {want.shape}, got {got.shape}"
+        )
         wrong = np.flatnonzero(~np.isclose(got, want, atol=1e-9))
-        assert not len(wrong), (f"{len(wrong)} of {len(want)} calibrated confidences differ, e.g. confidence "
-                                f"{conf_new[wrong[0]]:.3f} should map to {want[wrong[0]]:.4f}, got {got[wrong[0]]:.4f}")
+        assert not len(wrong), (
+            f"{len(wrong)} of {len(want)} calibrated confidences differ, e.g. confidence "
+            f"{conf_new[wrong[0]]:.3f} should map to {want[wrong[0]]:.4f}, got {got[wrong[0]]:.4f}"
+        )

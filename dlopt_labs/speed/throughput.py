@@ -22,54 +22,78 @@ __all__ = ['make_step', 'build_step', 'step_throughput', 'batch_sweep', 'PngFold
            'matmul_gflops', 'try_throughput', 'check_max_batch_within', 'check_predict_step_time']
 
 # %% ../../nbs/speed/01_throughput.ipynb #b15dd1b9
-def make_step(model: nn.Module, # the model (already compiled, moved, in channels_last, if wanted)
-              opt: torch.optim.Optimizer, # its optimizer
-              amp: str | None = None, # None/"fp32", "bf16", or "fp16" (CUDA only)
-              channels_last: bool = False, # convert each input batch to channels_last
-             ):
-    "One full training step `step(x, y) -> loss`: zero_grad, forward (autocast), loss, backward, optimizer step."
+def make_step(
+    model: nn.Module,  # the model (already compiled, moved, in channels_last, if wanted)
+    opt: torch.optim.Optimizer,  # its optimizer
+    amp: str | None = None,  # None/"fp32", "bf16", or "fp16" (CUDA only)
+    channels_last: bool = False,  # convert each input batch to channels_last
+):
+    "A training step `step(x, y) -> loss`: zero_grad, forward (autocast), loss, backward, step."
     dev = next(model.parameters()).device
-    autocast(dev, amp)  # the same checks as `fit`, now rather than at the first step: fp16 on the CPU raises ValueError
+    # the same checks as `fit`, now rather than at the first step: fp16 on the CPU raises ValueError
+    autocast(dev, amp)
+
     def step(x, y):
-        if channels_last: x = x.contiguous(memory_format=torch.channels_last)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         opt.zero_grad(set_to_none=True)
-        with autocast(dev, amp): loss = F.cross_entropy(model(x), y)
-        loss.backward(); opt.step()
+        with autocast(dev, amp):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
         return loss
+
     return step
 
-def build_step(make_model, # () -> a fresh nn.Module
-               x: torch.Tensor, # one input batch (on the device)
-               y: torch.Tensor, # its labels
-               amp: str | None = None, # autocast dtype: None or "bf16"
-               channels_last: bool = False, # model and inputs in channels_last memory format
-               compile_backend: str | None = None, # torch.compile backend (None: eager)
-               n_threads: int | None = None, # intra-op threads while stepping (None: current)
-              ) -> tuple:
-    "A fresh model's training step on (x, y) as a call with no arguments, and the seconds its first call took."
+
+def build_step(
+    make_model,  # () -> a fresh nn.Module
+    x: torch.Tensor,  # one input batch (on the device)
+    y: torch.Tensor,  # its labels
+    amp: str | None = None,  # autocast dtype: None or "bf16"
+    channels_last: bool = False,  # model and inputs in channels_last memory format
+    compile_backend: str | None = None,  # torch.compile backend (None: eager)
+    n_threads: int | None = None,  # intra-op threads while stepping (None: current)
+) -> tuple:
+    "A fresh model's training step on (x, y) as a call with no argument; its first call's seconds."
     model = make_model().to(x.device)
-    if channels_last: model = model.to(memory_format=torch.channels_last)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    if compile_backend: model = torch.compile(model, backend=compile_backend)
+    if compile_backend:
+        model = torch.compile(model, backend=compile_backend)
     step = make_step(model, opt, amp, channels_last)
+
     def call():
-        with threads(n_threads): return step(x, y)
-    t0 = time.perf_counter(); call()
-    if x.is_cuda: torch.cuda.synchronize()
+        with threads(n_threads):
+            return step(x, y)
+
+    t0 = time.perf_counter()
+    call()
+    if x.is_cuda:
+        torch.cuda.synchronize()
     return call, time.perf_counter() - t0
 
-def step_throughput(make_model, # () -> a fresh nn.Module
-                    x: torch.Tensor, # one input batch (on the device)
-                    y: torch.Tensor, # its labels
-                    steps: int = 10, # timed steps
-                    n_threads: int | None = None, # intra-op threads (None: current)
-                    **options, # amp, channels_last, compile_backend: as in `build_step`
-                   ) -> dict:
+
+def step_throughput(
+    make_model,  # () -> a fresh nn.Module
+    x: torch.Tensor,  # one input batch (on the device)
+    y: torch.Tensor,  # its labels
+    steps: int = 10,  # timed steps
+    n_threads: int | None = None,  # intra-op threads (None: current)
+    **options,  # amp, channels_last, compile_backend: as in `build_step`
+) -> dict:
     "Samples/s of a full training step after warm-up, with the first call's time reported apart."
     call, first = build_step(make_model, x, y, n_threads=n_threads, **options)
     t = time_it(call, warmup=2, repeats=steps, n_threads=n_threads)
-    return dict(batch=len(x), samples_per_s=len(x) / t.median, step_ms=t.median * 1e3, step_p95_ms=t.p95 * 1e3,
-                first_call_ms=first * 1e3, threads=t.threads)
+    return dict(
+        batch=len(x),
+        samples_per_s=len(x) / t.median,
+        step_ms=t.median * 1e3,
+        step_p95_ms=t.p95 * 1e3,
+        first_call_ms=first * 1e3,
+        threads=t.threads,
+    )
 
 # %% ../../nbs/speed/01_throughput.ipynb #d9931707
 def _train_once(make_model, x, y):
@@ -78,86 +102,144 @@ def _train_once(make_model, x, y):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     make_step(model, opt)(x, y)
 
-def batch_sweep(make_model, # () -> a fresh model
-                data: tuple, # (X, Y) with at least max(batch_sizes) rows
-                batch_sizes: list, # batch sizes to try; the smallest is the baseline
-                rounds: int = 5, # interleaved timing rounds
-                repeats: int = 3, # steps timed per batch size and round
-                memory_repeats: int = 2, # peak-memory measurements per batch size (each in its own process)
-               ) -> tuple:
-    "Samples/s (with intervals, against the smallest batch) and peak memory of a training step per batch size."
+
+def batch_sweep(
+    make_model,  # () -> a fresh model
+    data: tuple,  # (X, Y) with at least max(batch_sizes) rows
+    batch_sizes: list,  # batch sizes to try; the smallest is the baseline
+    rounds: int = 5,  # interleaved timing rounds
+    repeats: int = 3,  # steps timed per batch size and round
+    memory_repeats: int = 2,  # peak-memory measurements per batch size (each in its own process)
+) -> tuple:
+    "Samples/s (with intervals, against the smallest batch) and peak memory per batch size."
     X, Y = data
-    if max(batch_sizes) > len(X): raise ValueError(f"need at least {max(batch_sizes)} samples for the sweep, have {len(X)}")
+    if max(batch_sizes) > len(X):
+        raise ValueError(f"need at least {max(batch_sizes)} samples for the sweep, have {len(X)}")
     sizes = sorted(batch_sizes)
     steps = {b: build_step(make_model, X[:b], Y[:b])[0] for b in sizes}
-    cmp = compare_speed({f"batch {b}": steps[b] for b in sizes}, rounds=rounds, repeats=repeats,
-                        work={f"batch {b}": b for b in sizes})
+    cmp = compare_speed(
+        {f"batch {b}": steps[b] for b in sizes},
+        rounds=rounds,
+        repeats=repeats,
+        work={f"batch {b}": b for b in sizes},
+    )
     rows = []
     for b in sizes:
-        peaks = [peak_memory(lambda: _train_once(make_model, X[:b], Y[:b])) for _ in range(memory_repeats)]
+        peaks = [
+            peak_memory(lambda: _train_once(make_model, X[:b], Y[:b]))
+            for _ in range(memory_repeats)
+        ]
         r = cmp.table.loc[f"batch {b}"]
-        rows.append(dict(batch=b, samples_per_s=b / (r.median_ms / 1e3), speedup=r.speedup, speedup_lo=r.speedup_lo,
-                         speedup_hi=r.speedup_hi, peak_mib=float(np.median(peaks)), peak_mib_min=min(peaks),
-                         peak_mib_max=max(peaks)))
+        rows.append(
+            dict(
+                batch=b,
+                samples_per_s=b / (r.median_ms / 1e3),
+                speedup=r.speedup,
+                speedup_lo=r.speedup_lo,
+                speedup_hi=r.speedup_hi,
+                peak_mib=float(np.median(peaks)),
+                peak_mib_min=min(peaks),
+                peak_mib_max=max(peaks),
+            )
+        )
     return pd.DataFrame(rows), cmp
 
 # %% ../../nbs/speed/01_throughput.ipynb #0d7c3422
 class PngFolder(Dataset):
-    "Samples stored as one PNG file each (plus labels.npy), decoded, resized and flipped at random when read."
-    def __init__(self, folder: str | Path, # written by `PngFolder.write`
-                 size: int = 32, # side the decoded images are resized to
-                ):
+    "Samples stored as PNG files (and labels.npy), decoded, resized and randomly flipped when read."
+
+    def __init__(
+        self,
+        folder: str | Path,  # written by `PngFolder.write`
+        size: int = 32,  # side the decoded images are resized to
+    ):
         self.folder, self.size = Path(folder), size
         if not (self.folder / "labels.npy").exists():
-            raise FileNotFoundError(f"{self.folder} has no labels.npy: write the folder with PngFolder.write")
+            raise FileNotFoundError(
+                f"{self.folder} has no labels.npy: write the folder with PngFolder.write"
+            )
         self.labels = np.load(self.folder / "labels.npy")
+
     @classmethod
-    def write(cls, X: np.ndarray, # (n, H, W) gray images with values in [0, 1]
-              y: np.ndarray, # (n,) labels
-              folder: str | Path, # created whole, or not at all
-              scale: int = 4, # images are stored `scale` times larger than X, as a camera's are
-             ) -> "PngFolder":
+    def write(
+        cls,
+        X: np.ndarray,  # (n, H, W) gray images with values in [0, 1]
+        y: np.ndarray,  # (n,) labels
+        folder: str | Path,  # created whole, or not at all
+        scale: int = 4,  # images are stored `scale` times larger than X, as a camera's are
+    ) -> "PngFolder":
         "Write each image of `X` as a PNG file in `folder`, upscaled by `scale`."
         from PIL import Image
-        if X.ndim != 3: raise ValueError(f"X must be (n, H, W) gray images, got shape {X.shape}")
+
+        if X.ndim != 3:
+            raise ValueError(f"X must be (n, H, W) gray images, got shape {X.shape}")
         with atomic_path(folder) as tmp:
             tmp.mkdir()
             for i, x in enumerate(X):
                 im = Image.fromarray((np.clip(x, 0, 1) * 255).astype(np.uint8))
-                im.resize((x.shape[1] * scale, x.shape[0] * scale), Image.BICUBIC).save(tmp / f"{i:06d}.png")
+                im.resize((x.shape[1] * scale, x.shape[0] * scale), Image.BICUBIC).save(
+                    tmp / f"{i:06d}.png"
+                )
             np.save(tmp / "labels.npy", y)
         return cls(folder, size=X.shape[1])
-    def __len__(self): return len(self.labels)
+
+    def __len__(self):
+        return len(self.labels)
+
     def __getitem__(self, i):
         from PIL import Image
+
         with Image.open(self.folder / f"{i:06d}.png") as im:
-            x = np.asarray(im.convert("L").resize((self.size, self.size), Image.BILINEAR), dtype=np.float32) / 255
-        if torch.rand(()) < 0.5: x = x[:, ::-1]              # augmentation: a random horizontal flip
+            x = (
+                np.asarray(
+                    im.convert("L").resize((self.size, self.size), Image.BILINEAR), dtype=np.float32
+                )
+                / 255
+            )
+        if torch.rand(()) < 0.5:
+            x = x[:, ::-1]  # augmentation: a random horizontal flip
         return torch.from_numpy(x.copy())[None], int(self.labels[i])
 
-def epoch_call(dataset: Dataset, # what to read
-               batch_size: int = 64, # batch size
-               num_workers: int = 0, # worker processes (0: load in this process); they persist across epochs
-               pin_memory: bool = False, # page-locked batches, copied to the device asynchronously
-               device="cpu", # where each batch is copied
-              ):
-    "One pass of a DataLoader over `dataset`, each batch copied to `device`, as a call with no arguments."
-    dl = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, pin_memory=pin_memory,
-                    persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(0))
+
+def epoch_call(
+    dataset: Dataset,  # what to read
+    batch_size: int = 64,  # batch size
+    num_workers: int = 0,  # worker processes (0: load in this process); they persist across epochs
+    pin_memory: bool = False,  # page-locked batches, copied to the device asynchronously
+    device="cpu",  # where each batch is copied
+):
+    "One pass of a DataLoader over `dataset`, each batch copied to `device`, as a call."
+    dl = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(0),
+    )
     dev = torch.device(device)
+
     def call():
         n = 0
-        for xb, _ in dl: n += len(xb.to(dev, non_blocking=pin_memory))
-        if dev.type == "cuda": torch.cuda.synchronize()
+        for xb, _ in dl:
+            n += len(xb.to(dev, non_blocking=pin_memory))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         return n
+
     return call
 
 # %% ../../nbs/speed/01_throughput.ipynb #c93629e7
 def bf16_support() -> dict:
     "Whether this machine has native bf16 arithmetic: CPU flags, and CUDA's own report."
     flags = cpu_info()["flags"]
-    return dict(avx512_bf16="avx512_bf16" in flags, amx_bf16="amx_bf16" in flags,
-                cuda_bf16=bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()))
+    return dict(
+        avx512_bf16="avx512_bf16" in flags,
+        amx_bf16="amx_bf16" in flags,
+        cuda_bf16=bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+    )
+
 
 def break_even(compile_s: float, eager_step_s: float, compiled_step_s: float) -> float:
     "Steps after which compiling pays off (inf when the compiled step is not faster)."
@@ -165,51 +247,73 @@ def break_even(compile_s: float, eager_step_s: float, compiled_step_s: float) ->
     return compile_s / gain if gain > 0 else math.inf
 
 # %% ../../nbs/speed/01_throughput.ipynb #9b76224e
-def matmul_gflops(n: int = 1024, # side of the square matrices
-                  n_threads: int | None = None, # intra-op threads
-                  device=None, # where to run
-                 ) -> float:
+def matmul_gflops(
+    n: int = 1024,  # side of the square matrices
+    n_threads: int | None = None,  # intra-op threads
+    device=None,  # where to run
+) -> float:
     "Measured GFLOP/s of an n x n float32 matmul: a practical peak of this machine."
-    a = torch.randn(n, n, device=device); b = torch.randn(n, n, device=device)
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
     return 2 * n**3 / time_it(lambda: a @ b, warmup=2, repeats=5, n_threads=n_threads).median / 1e9
 
 # %% ../../nbs/speed/01_throughput.ipynb #afc38dea
-def try_throughput(make_model, # () -> a fresh model
-                   data: tuple, # (X, Y) on the device
-                   batch_size: int = 64, # batch size
-                   amp: str = "fp32", # "fp32" or "bf16"
-                   channels_last: bool = False, # NHWC memory format
-                   n_threads: int = 1, # intra-op threads
-                   steps: int = 5, # timed steps
-                  ) -> pd.DataFrame:
+def try_throughput(
+    make_model,  # () -> a fresh model
+    data: tuple,  # (X, Y) on the device
+    batch_size: int = 64,  # batch size
+    amp: str = "fp32",  # "fp32" or "bf16"
+    channels_last: bool = False,  # NHWC memory format
+    n_threads: int = 1,  # intra-op threads
+    steps: int = 5,  # timed steps
+) -> pd.DataFrame:
     "Throughput of a training step under one configuration."
     X, Y = data
-    if not 1 <= batch_size <= len(X): raise ValueError(f"batch_size must be between 1 and {len(X)}, got {batch_size}")
-    r = step_throughput(make_model, X[:batch_size], Y[:batch_size], steps=steps, amp=None if amp == "fp32" else amp,
-                        channels_last=channels_last, n_threads=n_threads)
+    if not 1 <= batch_size <= len(X):
+        raise ValueError(f"batch_size must be between 1 and {len(X)}, got {batch_size}")
+    r = step_throughput(
+        make_model,
+        X[:batch_size],
+        Y[:batch_size],
+        steps=steps,
+        amp=None if amp == "fp32" else amp,
+        channels_last=channels_last,
+        n_threads=n_threads,
+    )
     return pd.DataFrame([dict(amp=amp, channels_last=channels_last, **r)]).round(2)
 
 # %% ../../nbs/speed/01_throughput.ipynb #213bf65d
 @exercise(1, "predict the largest batch within a memory budget")
 def check_max_batch_within(fn):
-    "`fn(batches, peaks_mib, budget_mib)`: least-squares line through the measurements, the largest whole batch within budget."
+    "`fn(batches, peaks_mib, budget_mib)`: least squares, then the largest whole batch in budget."
     rng = np.random.default_rng(0)
     for fixed, per, budget in ((40.0, 0.5, 300.0), (120.0, 2.25, 1000.0), (10.0, 0.031, 64.0)):
         batches = np.array([8, 16, 32, 64, 128, 256])
         peaks = fixed + per * batches + rng.normal(0, 0.02 * fixed, len(batches))
-        A = np.stack([np.ones(len(batches)), batches], 1)          # reference: the normal equations
+        A = np.stack([np.ones(len(batches)), batches], 1)  # reference: the normal equations
         a, b = np.linalg.solve(A.T @ A, A.T @ peaks)
         want = int(math.floor((budget - a) / b))
         got = fn(list(batches), list(peaks), budget)
-        assert isinstance(got, (int, np.integer)), f"a whole batch size (int) is expected, got {type(got).__name__}"
-        assert got == want, (f"with a least-squares line through all {len(batches)} points the largest batch within "
-                             f"{budget} MiB is {want}, got {got}")
-    got_small, got_big = fn([1, 2, 4], [11.0, 12.0, 14.0], 20.0), fn([1, 2, 4], [11.0, 12.0, 14.0], 40.0)
+        assert isinstance(got, (int, np.integer)), (
+            f"a whole batch size (int) is expected, got {type(got).__name__}"
+        )
+        assert got == want, (
+            f"with a least-squares line through all {len(batches)} points the largest batch within "
+            f"{budget} MiB is {want}, got {got}"
+        )
+    got_small, got_big = (
+        fn([1, 2, 4], [11.0, 12.0, 14.0], 20.0),
+        fn([1, 2, 4], [11.0, 12.0, 14.0], 40.0),
+    )
     assert got_small < got_big, "a larger budget must allow a batch at least as large"
-    for args, why in ((([1, 2, 4], [11.0, 12.0, 14.0], 10.5), "a budget below the memory of one sample"),
-                      (([1, 2, 4], [14.0, 12.0, 11.0], 100.0), "memory that falls as the batch grows")):
-        try: fn(*args)
-        except ValueError: continue
+    for args, why in (
+        (([1, 2, 4], [11.0, 12.0, 14.0], 10.5), "a budget below the memory of one sample"),
+        (([1, 2, 4], [14.0, 12.0, 11.0], 100.0), "memory that falls as the batch grows"),
+    ):
+        try:
+            fn(*args)
+        except ValueError:
+            continue
         raise AssertionError(f"{why} should raise ValueError")
 
 # %% ../../nbs/speed/01_throughput.ipynb #b47243ed
@@ -219,11 +323,18 @@ def check_predict_step_time(fn):
     for p, t1, n in ((0.8, 0.05, 2), (0.95, 1.2, 4), (0.3, 0.01, 8), (1.0, 0.4, 2), (0.0, 0.2, 4)):
         tn = t1 * ((1 - p) + p / n)
         for m in (1, n, 3 * n, 64):
-            want = t1 * (1 - p) + t1 * p / m                     # reference: Amdahl's law with the p that made tn
+            want = t1 * (1 - p) + t1 * p / m  # reference: Amdahl's law with the p that made tn
             got = float(fn(t1, tn, n, m))
-            assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-12), \
-                f"p={p}, t1={t1}, {n} threads took {tn:.4g}: with {m} threads Amdahl gives {want:.4g}, got {got:.4g}"
-    for args, why in (((0.1, 0.12, 2, 4), "more threads being slower"), ((0.1, 0.1, 1, 4), "n < 2")):
-        try: fn(*args)
-        except ValueError: continue
+            assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-12), (
+                f"p={p}, t1={t1}, {n} threads took {tn:.4g}: "
+                f"with {m} threads Amdahl gives {want:.4g}, got {got:.4g}"
+            )
+    for args, why in (
+        ((0.1, 0.12, 2, 4), "more threads being slower"),
+        ((0.1, 0.1, 1, 4), "n < 2"),
+    ):
+        try:
+            fn(*args)
+        except ValueError:
+            continue
         raise AssertionError(f"{why} should raise ValueError")

@@ -1,0 +1,174 @@
+"""Exercises teach: each check passes a correct solution written differently from the chapter's, and fails the
+chapter's own functions used as answers and the wrong answers a learner is likely to write."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dlopt_labs.speed import throughput as T
+from dlopt_labs.efficient import prune as P
+from dlopt_labs.reliable import calibrate as C
+
+
+def status(check, fn): return check(fn).status
+
+
+# chapter 01, exercise 1: the largest batch within a memory budget ---------------------------------------------------
+
+def _max_batch_lstsq(batches, peaks, budget):          # closed-form least squares, not polyfit
+    b, p = np.asarray(batches, float), np.asarray(peaks, float)
+    slope = ((b - b.mean()) * (p - p.mean())).sum() / ((b - b.mean()) ** 2).sum()
+    fixed = p.mean() - slope * b.mean()
+    if slope <= 0 or budget < fixed + slope: raise ValueError("nothing fits")
+    return int((budget - fixed) // slope)
+
+
+def _max_batch_endpoints(batches, peaks, budget):      # a line through the two ends only
+    slope = (peaks[-1] - peaks[0]) / (batches[-1] - batches[0]); fixed = peaks[0] - slope * batches[0]
+    if slope <= 0 or budget < fixed + slope: raise ValueError("nothing fits")
+    return int((budget - fixed) // slope)
+
+
+def _max_batch_measured_only(batches, peaks, budget):  # only among the measured batch sizes
+    fits = [b for b, p in zip(batches, peaks) if p <= budget]
+    if not fits: raise ValueError("nothing fits")
+    return int(max(fits))
+
+
+def _max_batch_rounded(batches, peaks, budget):        # round() instead of the largest batch that fits
+    slope, fixed = np.polyfit(batches, peaks, 1)
+    if slope <= 0 or budget < fixed + slope: raise ValueError("nothing fits")
+    return int(round((budget - fixed) / slope))
+
+
+def test_ch01_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    assert status(T.check_max_batch_within, _max_batch_lstsq) == "passed"
+    for wrong in (_max_batch_endpoints, _max_batch_measured_only, _max_batch_rounded):
+        assert status(T.check_max_batch_within, wrong) == "failed", wrong.__name__
+
+
+# chapter 01, exercise 2: Amdahl's law ------------------------------------------------------------------------------
+
+def _amdahl_serial_fraction(t1, tn, n, m):              # solves for the serial fraction instead
+    if n < 2 or tn > t1: raise ValueError("need n >= 2 and tn <= t1")
+    serial = (tn / t1 - 1 / n) / (1 - 1 / n)
+    return t1 * serial + t1 * (1 - serial) / m
+
+
+def test_ch01_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    assert status(T.check_predict_step_time, _amdahl_serial_fraction) == "passed"
+    linear = lambda t1, tn, n, m: t1 / m                          # perfect scaling
+    from_tn = lambda t1, tn, n, m: tn * n / m                     # scales the n-thread time linearly
+    no_errors = lambda t1, tn, n, m: t1 * ((1 - (1 - tn / t1) / (1 - 1 / max(n, 2))) + (1 - tn / t1) / (1 - 1 / max(n, 2)) / m)
+    for wrong in (linear, from_tn, no_errors):
+        assert status(T.check_predict_step_time, wrong) == "failed"
+    # the chapter's own functions are no answer
+    assert status(T.check_predict_step_time, lambda t1, tn, n, m: T.break_even(t1, tn, n)) == "failed"
+
+
+# chapter 15, exercise 1: global ranking with a per-layer cap ------------------------------------------------------
+
+def _capped_by_threshold(weights, sparsity, cap):       # bisection on a magnitude threshold, per-layer caps applied
+    budget = round(sparsity * sum(w.numel() for w in weights.values()))
+    caps = {k: math.floor(cap * w.numel()) for k, w in weights.items()}
+    if sum(caps.values()) < budget: raise ValueError("impossible")
+    flat = {k: w.abs().flatten().sort().values for k, w in weights.items()}
+    def removed(t): return {k: min(int((v < t).sum()), caps[k]) for k, v in flat.items()}
+    lo, hi = 0.0, max(float(v[-1]) for v in flat.values()) * 2 + 1
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if sum(removed(mid).values()) >= budget: hi = mid
+        else: lo = mid
+    take = removed(lo)
+    short = budget - sum(take.values())
+    # the remaining removals go to the smallest next weights among layers below their caps
+    nxt = sorted((float(flat[k][take[k]]), k) for k in weights if take[k] < caps[k])
+    for _, k in nxt[:short]: take[k] += 1
+    out = {}
+    for k, w in weights.items():
+        order = w.abs().flatten().argsort(); keep = torch.ones(w.numel(), dtype=torch.bool); keep[order[:take[k]]] = False
+        out[k] = keep.view_as(w)
+    return out
+
+
+def test_ch15_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    assert status(P.check_capped_global_masks, _capped_by_threshold) == "passed"
+    def plain_global(weights, sparsity, cap):               # the chapter's global ranking, cap ignored
+        flat = torch.cat([w.abs().flatten() for w in weights.values()])
+        return P._per_layer(P._smallest_mask(flat, sparsity), weights)
+    def layer_wise(weights, sparsity, cap):                 # the chapter's layer-wise ranking
+        return {k: P._smallest_mask(w, sparsity) for k, w in weights.items()}
+    for wrong in (plain_global, layer_wise):
+        assert status(P.check_capped_global_masks, wrong) == "failed", wrong.__name__
+
+
+# chapter 15, exercise 2: the break-even sparsity of CSR storage ---------------------------------------------------
+
+def _csr_closed_form(rows, cols, value_bytes=4, index_bytes=8):
+    n = rows * cols
+    # nnz * (v + i) + (rows + 1) * i < n * v  <=>  nnz < (n * v - (rows + 1) * i) / (v + i)
+    bound = (n * value_bytes - (rows + 1) * index_bytes) / (value_bytes + index_bytes)
+    if bound <= 0: return None
+    nnz = math.ceil(bound) - 1
+    return (n - nnz) / n
+
+
+def test_ch15_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    assert status(P.check_csr_break_even, _csr_closed_form) == "passed"
+    def no_row_pointers(rows, cols, value_bytes=4, index_bytes=8):
+        n = rows * cols
+        return next(((n - nnz) / n for nnz in range(n, -1, -1) if nnz * (value_bytes + index_bytes) < n * value_bytes), None)
+    def at_or_below(rows, cols, value_bytes=4, index_bytes=8):        # "not larger" instead of "smaller"
+        n = rows * cols
+        return next(((n - nnz) / n for nnz in range(n, -1, -1)
+                     if nnz * (value_bytes + index_bytes) + (rows + 1) * index_bytes <= n * value_bytes), None)
+    for wrong in (no_row_pointers, at_or_below):
+        assert status(P.check_csr_break_even, wrong) == "failed", wrong.__name__
+
+
+# chapter 29, exercise 1: ECE with equal-mass bins -----------------------------------------------------------------
+
+def _ece_equal_mass_numpy(probs, y, n_bins):
+    p, y = np.asarray(probs, float), np.asarray(y)
+    conf, correct = p.max(1), (p.argmax(1) == y).astype(float)
+    order = np.argsort(conf, kind="stable")
+    return sum(len(g) * abs(correct[g].mean() - conf[g].mean()) for g in np.array_split(order, n_bins) if len(g)) / len(y)
+
+
+def test_ch29_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    assert status(C.check_ece_equal_mass, _ece_equal_mass_numpy) == "passed"
+    equal_width = lambda probs, y, n_bins: C.ece(probs, y, n_bins)             # the chapter's own ECE
+    one_bin_more = lambda probs, y, n_bins: _ece_equal_mass_numpy(probs, y, n_bins + 1)
+    def unsorted(probs, y, n_bins):
+        p, y = np.asarray(probs, float), np.asarray(y); conf, correct = p.max(1), (p.argmax(1) == y).astype(float)
+        return sum(len(g) * abs(correct[g].mean() - conf[g].mean()) for g in np.array_split(np.arange(len(y)), n_bins)) / len(y)
+    for wrong in (equal_width, one_bin_more, unsorted):
+        assert status(C.check_ece_equal_mass, wrong) == "failed"
+
+
+# chapter 29, exercise 2: histogram binning -----------------------------------------------------------------------
+
+def _histogram_binning_numpy(conf_val, correct_val, conf_new, n_bins):
+    cv, ok, cn = (np.asarray(a, float) for a in (conf_val, correct_val, conf_new))
+    bins = lambda c: np.minimum((c * n_bins).astype(int), n_bins - 1)
+    b = bins(cv)
+    table = np.array([ok[b == i].mean() if (b == i).any() else (i + 0.5) / n_bins for i in range(n_bins)])
+    return table[bins(cn)]
+
+
+def test_ch29_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    assert status(C.check_histogram_binning, _histogram_binning_numpy) == "passed"
+    def empty_bins_zero(conf_val, correct_val, conf_new, n_bins):
+        cv, ok, cn = (np.asarray(a, float) for a in (conf_val, correct_val, conf_new))
+        bins = lambda c: np.minimum((c * n_bins).astype(int), n_bins - 1); b = bins(cv)
+        return np.array([ok[b == i].mean() if (b == i).any() else 0.0 for i in range(n_bins)])[bins(cn)]
+    def open_last_bin(conf_val, correct_val, conf_new, n_bins):      # 1.0 falls into an (n_bins + 1)-th bin
+        cv, ok, cn = (np.asarray(a, float) for a in (conf_val, correct_val, conf_new))
+        bins = lambda c: (c * n_bins).astype(int); b = bins(cv)
+        table = np.array([ok[b == i].mean() if (b == i).any() else (i + 0.5) / n_bins for i in range(n_bins + 1)])
+        return table[bins(cn)]
+    identity = lambda conf_val, correct_val, conf_new, n_bins: conf_new      # no calibration at all
+    for wrong in (empty_bins_zero, open_last_bin, identity):
+        assert status(C.check_histogram_binning, wrong) == "failed", getattr(wrong, "__name__", wrong)
