@@ -63,7 +63,7 @@ class Entry:
 CATALOG: tuple[Entry, ...] = (
     Entry(1, 'speed', 'throughput', 'Training throughput', '如何提高深度学习模型的训练速度？',
           teaches="Samples/s against batch size, DataLoader workers and pinned memory (in-memory vs on-disk dataset), float32 vs bf16 autocast (check CPU bf16 support first), channels_last, `torch.compile` (first-call cost vs steady state, break-even in steps), intra-op threads; achieved GFLOP/s of the training step against the machine's measured matmul peak.",
-          claims=(('larger-batch-lowers-memory', 'A larger batch lowers peak memory use'),
+          claims=(('larger-batch-lowers-memory', 'A larger batch lowers the peak memory each sample costs (while the total grows)'),
                   ('larger-batch-raises-throughput', 'A larger batch raises training throughput (samples/s, the hardware\'s utilisation)'),
                   ('parallel-loading-helps', 'Loading with parallel worker processes speeds up an input pipeline that decodes and augments its samples'),
                   ('compile-speeds-training', 'torch.compile makes a training step faster and repays its compile time within a training run'),
@@ -175,7 +175,7 @@ CATALOG: tuple[Entry, ...] = (
           teaches='Reliability diagrams, ECE with bootstrap interval, temperature scaling fitted on a validation split (argmax unchanged), MC dropout, deep ensembles, selective prediction (risk-coverage), degradation under noise.',
           claims=(('cv-auc-validate', 'Cross-validation estimates the accuracy and ROC-AUC the model reaches on unseen data'),
                   ('softmax-is-probability', "A network's softmax confidence is the probability that it is right"),
-                  ('ensembles-raise-reliability', 'An ensemble of networks is more reliable than a single one: better calibrated (ECE) and better at knowing when it is wrong (AURC)')),
+                  ('ensembles-raise-reliability', 'An ensemble of networks is more reliable than a single one: a better proper score (NLL) and better at knowing when it is wrong (AURC), both temperature-scaled')),
           reference='`torchmetrics` `MulticlassCalibrationError`.',
           pitfall='fitting the temperature on the test split.'),
     Entry(30, 'explain', 'evaluate', 'Evaluating explanations', '如何提高深度学习模型的可解释性？',

@@ -132,7 +132,7 @@ def paired_bootstrap(metric, # metric(predictions, labels) -> float, e.g. accura
                      a, # predictions (or probabilities, logits) of model A, one row per test input
                      b, # those of model B on the same inputs, in the same order
                      y, # the labels
-                     n_boot: int = 200, # bootstrap resamples of the test set
+                     n_boot: int = 1000, # bootstrap resamples of the test set
                      seed: int = 0, # seed of the resampling
                      level: float = 0.95, # confidence level of the interval
                     ) -> dict:

@@ -85,7 +85,7 @@ def check_anatomy(ch, root=None):
     params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(params) == 1 and all(f"{k} =" in params[0].source for k in ("MODE", "SEED", "RESULTS"))
     after = src[src.index(params[0].source) + 1:]
-    assert any(f"start({ch.number}," in s for s in after), "the set-up call start(N, smoke=..., full=...) follows the parameters"
+    assert any(re.search(rf"start\(\s*{ch.number}\s*,", s) for s in after), "the set-up call start(N, smoke=..., full=...) follows the parameters"
     assert not re.search(r"Record\(", text), "the record is opened by start(), with the catalog's title"
     positions = [text.find(h) for h in ANATOMY]
     assert all(p >= 0 for p in positions) and positions == sorted(positions), f"sections missing or out of order: {dict(zip(ANATOMY, positions))}"

@@ -170,13 +170,18 @@ def test_break_even_and_flops():
     assert count_flops(lin(), torch.randn(8, 1, 4, 4), backward=True) == 3 * 2 * 8 * 16 * 4 - 2 * 8 * 16 * 4   # no input grad
 
 
-def test_npy_folder_roundtrip(tmp_path):
-    X = np.random.rand(10, 1, 4, 4).astype(np.float32); y = np.arange(10) % 3
-    ds = T.NpyFolder.write(X, y, tmp_path / "d")
+def test_png_folder_roundtrip_and_epoch_call(tmp_path):
+    X = np.random.default_rng(0).random((10, 8, 8)).astype(np.float32); y = np.arange(10) % 3
+    ds = T.PngFolder.write(X, y, tmp_path / "d", scale=2)
     x3, y3 = ds[3]
-    assert torch.equal(x3, torch.from_numpy(X[3])) and y3 == y[3] and len(ds) == 10
-    assert T.loader_throughput(ds, 4, 0) > 0
-    with pytest.raises(FileNotFoundError, match="NpyFolder.write"): T.NpyFolder(tmp_path)
+    assert x3.shape == (1, 8, 8) and y3 == y[3] and len(ds) == 10
+    # decoded and resized back: close to the stored image or to its mirror image (the random flip)
+    err = min(float((x3[0] - torch.from_numpy(X[3])).abs().mean()), float((x3[0] - torch.from_numpy(X[3][:, ::-1].copy())).abs().mean()))
+    assert err < 0.08, err
+    assert T.epoch_call(ds, 4, 0)() == 10                     # one pass reads every sample
+    with pytest.raises(FileNotFoundError, match="PngFolder.write"): T.PngFolder(tmp_path)
+    with pytest.raises(ValueError, match="gray images"): T.PngFolder.write(X[:, None], y, tmp_path / "e")
+    assert not (tmp_path / "e").exists(), "nothing half-written"
 
 
 def test_apply_masks_keepmasks_and_neuron_order_directly():

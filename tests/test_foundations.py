@@ -278,6 +278,18 @@ def test_rules_are_code_that_can_come_out_either_way():
         rec.claim("k", "源", dict(x=1.0), claim="c", holds="x > 0", fails="x < 0", would_hold={}, would_fail=dict(y=-1.0))
 
 
+def test_rule_text_values_and_cards():
+    assert lab.rule_value("abs(x) > 1", dict(x=-2.0)) and not lab.rule_value("x > 1", dict(x=0.5))
+    assert set(lab.RULE_FUNCTIONS) >= {"abs", "min", "max", "all", "any", "len", "sum"}
+    assert lab.OTHERWISE == ("depends", "inconclusive") and set(lab.OTHERWISE) < set(lab.VERDICTS)
+    assert lab.rule_text("a > 1", "a < 1", "depends") == "holds if a > 1; fails if a < 1; else depends"
+    assert lab.format_value([1.23456, 2, {"k": 0.5}] * 3).count(",") == 17, "nothing is cut from a long list"
+    claim = dict(key="k", claim="c <x>", source="源", verdict="inconclusive", holds="x > 1", fails="x < 0",
+                 otherwise="inconclusive", evidence=dict(x=0.5), would_hold=dict(x=2), would_fail=dict(x=-1))
+    html = lab.claims_html([claim])
+    assert lab.VERDICT_COLOURS["inconclusive"] in html and "c &lt;x&gt;" in html and "x &gt; 1" in html
+
+
 def test_settings_modes():
     s = lab.settings("smoke", dict(A=1, B=[1]), dict(A=10, B=[1, 2]), A=None, B=[5])
     assert s.A == 1 and s.B == [5] and s.MODE == "smoke"

@@ -126,6 +126,15 @@ def submissions(bundle, tmp_path_factory):
             c.source = (c.source.split("### BEGIN SOLUTION")[0] + "    return {}\n\ncheck_capped_global_masks = lambda fn: None\n"
                         "check_capped_global_masks(capped_global_masks)")
     nbformat.write(b, d / "edited_check.ipynb")
+    b = copy.deepcopy(nb)                                  # answers the visible cases only: the hidden tests catch it
+    from dlopt_labs.efficient.prune import check_csr_break_even
+    for c in b.cells:
+        if "def csr_break_even" in c.source:
+            c.source = (c.source.split("### BEGIN SOLUTION")[0]
+                        + "    return {(8, 16, 4, 8): 0.71875, (3, 40, 4, 8): 83 / 120, (16, 2, 2, 8): None, (5, 7, 8, 4): 0.4,\n"
+                          "            (1, 1, 4, 8): None, (1, 10, 4, 8): 0.9}[rows, cols, value_bytes, index_bytes]\n"
+                        + "    ### END SOLUTION" + c.source.split("### END SOLUTION")[1])
+    nbformat.write(b, d / "visible_cases_only.ipynb")
     return d
 
 
@@ -156,12 +165,14 @@ def test_broken_submissions_get_their_row_and_reason(graded):
     assert loop.loc[1, "status"] == "passed" and loop.loc[2, "status"] == "timed out"
     deleted = _rows(df, "/deleted_check.ipynb"); assert (deleted.status == "passed").all() and "was deleted" in deleted.message.iloc[0]
     edited = _rows(df, "/edited_check.ipynb").set_index("exercise"); assert edited.loc[1, "status"] == "failed"
+    gamed = _rows(df, "/visible_cases_only.ipynb").set_index("exercise")
+    assert gamed.loc[2, "status"] == "failed" and "a hidden test failed" in gamed.loc[2, "message"], gamed.loc[2, "message"]
     assert "one mask per weight expected" in edited.loc[1, "message"]
 
 
 def test_grader_prints_a_summary_and_its_exit_status_says_not_all_could_be_graded(graded):
     r, df = graded
-    assert r.returncode == 1 and "2 of 8 submissions could not be graded" in r.stderr
+    assert r.returncode == 1 and "2 of 9 submissions could not be graded" in r.stderr
     assert "solved.ipynb" in r.stdout and "2/2" in r.stdout and "0/2" in r.stdout
 
 
@@ -184,3 +195,14 @@ def test_syllabus_from_metadata_and_records(notebook_runs, tmp_path):
         assert f"smoke {wall:.0f} s" in block and "full not measured yet" in block
         assert written_chapters()[n].question in block and "Exercises**: 1." in block
     assert "如何提高深度学习模型的压缩效率？" in text
+
+
+def test_hidden_tests_are_stripped_from_the_bundle_and_kept_for_the_grader():
+    from dlopt_labs.course.teach import HIDDEN_BEGIN, HIDDEN_END, strip_hidden, student_notebook
+    src = f"x = 1\n{HIDDEN_BEGIN}\nassert f(2) == 4\n{HIDDEN_END}\ny = 2"
+    assert strip_hidden(src) == "x = 1\ny = 2"
+    hidden = {e.n: e.hidden for e in exercises(1)}
+    assert "predict_step_time(2.0, 1.25, 4, 4)" in hidden[2], "chapter 1's hidden test is known to the grader"
+    text = "\n".join(c.source for c in student_notebook(1).cells)
+    assert HIDDEN_BEGIN not in text and "predict_step_time(2.0, 1.25, 4, 4)" not in text
+

@@ -71,8 +71,10 @@ def skeleton(e: Entry, # the chapter's catalog entry
            "returns; an experiment that measures it, shown as a table and a seaborn plot."),
         code('rec.section("TODO: first technique")'),
         md("## Claim checks\n\nEach claim the catalog plans for this chapter, recorded as *not judged* until its rule is written "
-           "(`rec.claim(key, source, claim, rule, evidence, holds=..., fails=...)`)."),
-        code('rec.section("claims")\n' + claim_cells + "\nrec.claims_table()"),
+           "(`rec.claim(key, source, evidence, holds=\"expr\", fails=\"expr\", would_hold={...}, would_fail={...})`: "
+           "the conditions are expressions over the evidence's names; `otherwise=\"inconclusive\"` for a comparison "
+           "judged against its noise)."),
+        code('rec.section("claims")\n' + claim_cells + "\nrec.show_claims()"),
         md("## Try it\n\nTODO: the chapter's main knob(s)."),
         code(f"#| export\ndef try_{slug_fn}(knob: float = 1.0, # TODO: the chapter's main knob\n"
              "              ) -> pd.DataFrame:\n"

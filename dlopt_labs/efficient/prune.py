@@ -14,8 +14,9 @@ from ..lab import exercise
 
 # %% auto #0
 __all__ = ['prunable', 'magnitude_masks', 'random_masks', 'apply_masks', 'weight_sparsity', 'KeepMasks', 'prune',
-           'layer_sensitivity', 'layer_sparsity', 'sparse_size_bytes', 'neuron_order', 'prune_neurons',
-           'structured_params', 'keep_for_budget', 'try_pruning', 'check_capped_global_masks', 'check_csr_break_even']
+           'layer_sensitivity', 'layer_sparsity', 'sparse_size_bytes', 'SparseLinear', 'with_sparse_kernels',
+           'neuron_order', 'prune_neurons', 'structured_params', 'keep_for_budget', 'try_pruning',
+           'check_capped_global_masks', 'check_csr_break_even']
 
 # %% ../../nbs/efficient/15_prune.ipynb #8ded4478
 def prunable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -153,16 +154,51 @@ def layer_sparsity(masks: dict[str, torch.Tensor]) -> pd.DataFrame:
     )
 
 # %% ../../nbs/efficient/15_prune.ipynb #afec65b3
-def sparse_size_bytes(model: nn.Module) -> int:
-    "Serialized size with every prunable weight stored as a CSR sparse tensor (values + indices)."
+def _csr(w: torch.Tensor) -> torch.Tensor:
+    "A weight as a CSR matrix (rows x the rest) owning its index arrays: saving stores only them."
     import warnings
 
-    sd = {k: v for k, v in model.state_dict().items()}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        for name, w in prunable(model).items():
-            sd[name] = w.detach().reshape(w.shape[0], -1).to_sparse_csr()
+        m = w.detach().reshape(w.shape[0], -1).to_sparse_csr()
+        # `col_indices()` views a larger buffer: copy it, or torch.save writes all of it
+        return torch.sparse_csr_tensor(
+            m.crow_indices().clone(),
+            m.col_indices().clone(),
+            m.values().clone(),
+            m.shape,
+            check_invariants=True,
+        )
+
+
+def sparse_size_bytes(model: nn.Module) -> int:
+    "Serialized size with every prunable weight stored as a CSR sparse tensor (values + indices)."
+    sd = dict(model.state_dict())
+    for name, w in prunable(model).items():
+        sd[name] = _csr(w)
     return model_size_bytes(sd)
+
+
+class SparseLinear(nn.Module):
+    "A Linear layer whose weight is a CSR matrix, multiplied by a sparse kernel (skipping zeros)."
+
+    def __init__(self, layer: nn.Linear):
+        super().__init__()
+        self.weight = _csr(layer.weight)
+        self.bias = None if layer.bias is None else layer.bias.detach().clone()
+
+    def forward(self, x):
+        out = (
+            self.weight @ x.reshape(-1, x.shape[-1]).T
+        ).T  # sparse (out x in) @ dense (in x batch)
+        return out if self.bias is None else out + self.bias
+
+
+def with_sparse_kernels(model: nn.Sequential) -> nn.Sequential:
+    "A copy of an MLP whose Linear layers multiply by CSR weights: the time zeros can save."
+    return nn.Sequential(
+        *[SparseLinear(l) if isinstance(l, nn.Linear) else copy.deepcopy(l) for l in model]
+    )
 
 
 def neuron_order(weight: torch.Tensor) -> torch.Tensor:

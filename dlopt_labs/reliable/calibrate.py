@@ -19,7 +19,8 @@ __all__ = ['reliability_table', 'ece', 'nll', 'brier', 'report', 'reliability_pl
 
 # %% ../../nbs/reliable/29_calibrate.ipynb #4c8e7336
 def _check(probs, y):
-    probs, y = torch.as_tensor(probs, dtype=torch.float64), torch.as_tensor(y)
+    # metrics are computed on the CPU, in float64, wherever the predictions were made
+    probs, y = torch.as_tensor(probs).detach().to("cpu", torch.float64), torch.as_tensor(y).cpu()
     if probs.dim() != 2 or len(probs) != len(y):
         raise ValueError(
             f"probs must be (n, classes) with one label per row; "
