@@ -171,7 +171,8 @@ def test_break_even_and_flops():
 
 
 def test_png_folder_roundtrip_and_epoch_call(tmp_path):
-    X = np.random.default_rng(0).random((10, 8, 8)).astype(np.float32); y = np.arange(10) % 3
+    ramp = np.linspace(0, 1, 8, dtype=np.float32)                 # smooth images survive the resize round trip
+    X = np.stack([np.outer(ramp, ramp) * (k + 1) / 10 for k in range(10)]).astype(np.float32); y = np.arange(10) % 3
     ds = T.PngFolder.write(X, y, tmp_path / "d", scale=2)
     x3, y3 = ds[3]
     assert x3.shape == (1, 8, 8) and y3 == y[3] and len(ds) == 10
@@ -182,6 +183,23 @@ def test_png_folder_roundtrip_and_epoch_call(tmp_path):
     with pytest.raises(FileNotFoundError, match="PngFolder.write"): T.PngFolder(tmp_path)
     with pytest.raises(ValueError, match="gray images"): T.PngFolder.write(X[:, None], y, tmp_path / "e")
     assert not (tmp_path / "e").exists(), "nothing half-written"
+
+
+def test_sparse_kernels_match_the_dense_pruned_model_and_csr_size_has_no_shared_buffer():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 5))
+    P.apply_masks(net, P.magnitude_masks(net, 0.8, "layer"))
+    sparse = P.with_sparse_kernels(net)
+    assert isinstance(sparse[0], P.SparseLinear) and sparse[0].weight.layout == torch.sparse_csr
+    x = torch.randn(7, 32)
+    torch.testing.assert_close(sparse(x), net(x))
+    ref = torch.sparse.mm(net[0].weight.detach().to_sparse(), x.T).T + net[0].bias   # COO reference kernel
+    torch.testing.assert_close(sparse[0](x), ref)
+    # CSR bytes: values (4 B) and column indices (8 B) per kept weight, row pointers (8 B), plus pickle overhead
+    kept = sum(int((w != 0).sum()) for w in P.prunable(net).values())
+    rows = sum(w.shape[0] + 1 for w in P.prunable(net).values())
+    payload = kept * 12 + rows * 8 + sum(p.numel() * 4 for n, p in net.named_parameters() if n.endswith("bias"))
+    assert payload <= P.sparse_size_bytes(net) < payload + 6000
 
 
 def test_apply_masks_keepmasks_and_neuron_order_directly():

@@ -283,7 +283,7 @@ def test_rule_text_values_and_cards():
     assert set(lab.RULE_FUNCTIONS) >= {"abs", "min", "max", "all", "any", "len", "sum"}
     assert lab.OTHERWISE == ("depends", "inconclusive") and set(lab.OTHERWISE) < set(lab.VERDICTS)
     assert lab.rule_text("a > 1", "a < 1", "depends") == "holds if a > 1; fails if a < 1; else depends"
-    assert lab.format_value([1.23456, 2, {"k": 0.5}] * 3).count(",") == 17, "nothing is cut from a long list"
+    assert lab.format_value([1.23456, 2, {"k": 0.5}] * 3).count("1.235") == 3, "nothing is cut from a long list"
     claim = dict(key="k", claim="c <x>", source="源", verdict="inconclusive", holds="x > 1", fails="x < 0",
                  otherwise="inconclusive", evidence=dict(x=0.5), would_hold=dict(x=2), would_fail=dict(x=-1))
     html = lab.claims_html([claim])

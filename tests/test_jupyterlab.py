@@ -74,13 +74,17 @@ def test_run_all_then_change_a_control_in_jupyterlab(lab, browser):
         dropdown = page.locator(".jp-OutputArea .widget-dropdown select").first
         dropdown.wait_for(state="visible", timeout=180000)
         out = page.locator(".jp-OutputArea .widget-vbox .widget-output").first
-        page.wait_for_function("el => el.innerText.includes('pruned')", arg=out.element_handle(), timeout=60000)
-        before = out.inner_text()
+        out.scroll_into_view_if_needed()                  # JupyterLab skips rendering cells out of view
+        # textContent, not innerText: the text is there whether or not the cell is being painted
+        try: page.wait_for_function("el => el.textContent.includes('pruned')", arg=out.element_handle(), timeout=60000)
+        except Exception as e:
+            raise AssertionError(f"the widget's output never showed the pruned model; it shows: {out.text_content()[:800]!r}") from e
+        before = out.text_content()
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         dropdown.scroll_into_view_if_needed(); page.screenshot(path=str(ARTIFACTS / "jupyterlab-widget.png"))
         dropdown.select_option("layer")                   # the scope control: the kernel prunes again
-        page.wait_for_function("([el, b]) => el.innerText.includes('pruned') && el.innerText !== b", arg=[out.element_handle(), before], timeout=60000)
-        assert out.inner_text() != before
+        page.wait_for_function("([el, b]) => el.textContent.includes('pruned') && el.textContent !== b", arg=[out.element_handle(), before], timeout=60000)
+        assert out.text_content() != before
     except BaseException:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         try: page.screenshot(path=str(ARTIFACTS / "jupyterlab-failure.png"), timeout=10000)
