@@ -196,6 +196,9 @@ def test_syllabus_from_metadata_and_records(notebook_runs, tmp_path):
         wall = json.loads(Path(res.record).read_text())["runner"]["wall_s"]
         assert f"smoke {wall:.0f} s" in block and "full not measured yet" in block
         assert written_chapters()[n].question in block and "Exercises**: 1." in block
+        rec = json.loads(Path(res.record).read_text())
+        assert block.count("\n  - **") == len(rec["claims"]), "every verdict of the run is listed"
+        if n == 1: assert "A/A noise band [" in block and "speedup " in block, "speed verdicts come with their spread"
     assert "如何提高深度学习模型的压缩效率？" in text
 
 

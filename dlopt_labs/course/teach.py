@@ -304,5 +304,21 @@ def syllabus(records: str | Path | None = None) -> str:
                       f"- **Measured time**: smoke {_secs(recs.get((e.number, 'smoke')))}, full {_secs(recs.get((e.number, 'full')))} "
                       f"(budgets {m.budget_s['smoke']} s / {m.budget_s['full']} s)" + (f" on {env['cpu']['model']}, {env['cpu']['logical_cores']} cores" if env else ""),
                       "- **Exercises**: " + "; ".join(f"{x.n}. {x.title} ({x.points} pt)" for x in exercises(e.number)),
-                      f"- **Claims checked**: {len(m.claims)}", ""]
+                      f"- **Claims checked**: {len(m.claims)}"]
+            rec = recs.get((e.number, "full")) or recs.get((e.number, "smoke"))
+            for cl in (rec or {}).get("claims", []):         # each verdict with the spread it was judged on
+                lines.append(f"  - **{cl['verdict']}** ({rec['mode']} run): {cl['claim']}" + _spread(cl["evidence"]))
+            lines.append("")
     return "\n".join(lines)
+
+def _spread(evidence: dict) -> str:
+    "The intervals among a claim's evidence (`x` with `x_lo` and `x_hi`), as ` — x 1.26 [1.07, 1.48]; ...`."
+    def fmt(v): return f"{v:.3g}" if isinstance(v, float) else str(v)
+    shown = []
+    for k, v in evidence.items():
+        lo, hi = evidence.get(f"{k}_lo"), evidence.get(f"{k}_hi")
+        if lo is not None and hi is not None and not isinstance(v, (list, dict)):
+            shown.append(f"{k} {fmt(v)} [{fmt(lo)}, {fmt(hi)}]")
+    if "noise_lo" in evidence and "noise_hi" in evidence:
+        shown.append(f"A/A noise band [{fmt(evidence['noise_lo'])}, {fmt(evidence['noise_hi'])}]")
+    return (" — " + "; ".join(shown)) if shown else ""
