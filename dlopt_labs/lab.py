@@ -86,16 +86,26 @@ def rule_text(holds: str, fails: str, otherwise: str) -> str:
     "A rule written out: holds if ...; fails if ...; else ..."
     return f"holds if {holds}; fails if {fails}; else {otherwise}" if holds else ""
 
+def _counterfactuals(key, evidence, holds, fails, otherwise, would_hold, would_fail) -> list[str]:
+    "Problems with a rule's two counterfactuals: each must set measured names only and give its verdict."
+    out = []
+    for name, values, want in (("would_hold", would_hold, "holds"), ("would_fail", would_fail, "fails")):
+        extra = set(values) - set(evidence)
+        if extra: out.append(f"claim {key!r}: {name} sets {sorted(extra)}, which the evidence does not have: "
+                             "replace measured names only"); continue
+        got = judge({**evidence, **values}, holds, fails, otherwise)
+        if got != want: out.append(f"claim {key!r}: the rule gives {got!r} on {name}={values}, not {want!r}: "
+                                   f"give a measurement under which it {want}, or fix the rule")
+    return out
+
 def recompute(claim: dict) -> list[str]:
     "Problems with one stored claim: its verdict, recomputed from its rule and evidence, and its two counterfactuals."
     if claim.get("verdict") == "not judged": return []
     try:
         got = judge(claim["evidence"], claim["holds"], claim["fails"], claim["otherwise"])
         out = [] if got == claim["verdict"] else [f"claim {claim['key']!r}: stored verdict {claim['verdict']!r}, its rule gives {got!r}"]
-        for name, want in (("would_hold", "holds"), ("would_fail", "fails")):
-            v = judge({**claim["evidence"], **claim[name]}, claim["holds"], claim["fails"], claim["otherwise"])
-            if v != want: out.append(f"claim {claim['key']!r}: its {name} measurement gives {v!r}, not {want!r}")
-        return out
+        return out + _counterfactuals(claim["key"], claim["evidence"], claim["holds"], claim["fails"],
+                                      claim["otherwise"], claim["would_hold"], claim["would_fail"])
     except (KeyError, ValueError) as e: return [f"claim {claim.get('key')!r} cannot be recomputed: {e}"]
 
 def _jsonable(o):
@@ -168,13 +178,8 @@ class Record:
         ev = _jsonable(evidence)
         c = Claim(key, source, claim, ev, holds, fails, otherwise, _jsonable(would_hold), _jsonable(would_fail),
                   judge(ev, holds, fails, otherwise))
-        for name, want in (("would_hold", "holds"), ("would_fail", "fails")):
-            extra = set(getattr(c, name)) - set(ev)
-            if extra: raise ValueError(f"claim {key!r}: {name} sets {sorted(extra)}, which the evidence does not have: replace measured names only")
-            got = judge({**ev, **getattr(c, name)}, holds, fails, otherwise)
-            if got != want:
-                raise ValueError(f"claim {key!r}: the rule gives {got!r} on {name}={getattr(c, name)}, not {want!r}: "
-                                 f"give a measurement under which it {want}, or fix the rule")
+        problems = _counterfactuals(key, ev, holds, fails, otherwise, c.would_hold, c.would_fail)
+        if problems: raise ValueError(problems[0])
         self.claims = [x for x in self.claims if x.key != key] + [c]
         return c
 

@@ -15,8 +15,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from .training import evaluate
 
 # %% auto #0
-__all__ = ['TIMING_COLUMNS', 'RATIO_COLUMNS', 'Timing', 'threads', 'time_it', 'Comparison', 'compare_speed', 'paired_bootstrap',
-           'peak_memory', 'model_size_bytes', 'count_params', 'count_flops', 'variants', 'split_timings']
+__all__ = ['TIMING_COLUMNS', 'RATIO_COLUMNS', 'Timing', 'threads', 'time_it', 'Comparison', 'speed_rule', 'compare_speed',
+           'paired_bootstrap', 'peak_memory', 'model_size_bytes', 'count_params', 'count_flops', 'variants',
+           'split_timings']
 
 # %% ../nbs/foundations/04_measure.ipynb #ce6777fc
 @dataclass
@@ -83,6 +84,13 @@ class Comparison:
         return dict(speedup=float(r.speedup), speedup_lo=float(r.speedup_lo), speedup_hi=float(r.speedup_hi),
                     noise_lo=self.noise[0], noise_hi=self.noise[1])
     def _repr_html_(self): return self.table.round(3)._repr_html_()
+
+def speed_rule(threshold: float = 1.1, # the speed-up the claim promises, e.g. 1.1 for "at least 10% faster"
+               name: str = "speedup", # the evidence names read: `<name>_lo`, `<name>_hi`, with `noise_lo`/`noise_hi`
+              ) -> dict:
+    "The `holds`/`fails`/`otherwise` of a speed claim: decided only when its interval clears the threshold and the noise band."
+    return dict(holds=f"{name}_lo > max({threshold}, noise_hi)",
+                fails=f"{name}_hi < {threshold} and noise_hi < {threshold}", otherwise="inconclusive")
 
 def compare_speed(fns: dict, # name -> a call with no arguments (one step, one batch, one epoch)
                   baseline: str | None = None, # the configuration speed-ups are relative to (None: the first)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, asdict
 from pathlib import Path
 import nbformat
 from ..core import course_root, atomic_path
-from ..lab import MODES
+from ..lab import MODES, format_value
 from ..catalog import CATALOG, THEMES
 from .chapters import ChapterError, resolve, written_chapters, front_matter
 from .runner import ipc_kernel_manager, parallel
@@ -313,7 +313,7 @@ def syllabus(records: str | Path | None = None) -> str:
 
 def _spread(evidence: dict) -> str:
     "The intervals among a claim's evidence (`x` with `x_lo` and `x_hi`), as ` — x 1.26 [1.07, 1.48]; ...`."
-    def fmt(v): return f"{v:.3g}" if isinstance(v, float) else str(v)
+    fmt = format_value
     shown = []
     for k, v in evidence.items():
         lo, hi = evidence.get(f"{k}_lo"), evidence.get(f"{k}_hi")
