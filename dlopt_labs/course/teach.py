@@ -13,10 +13,13 @@ from ..lab import MODES, format_value
 from ..catalog import CATALOG, THEMES
 from .chapters import ChapterError, resolve, written_chapters, front_matter
 from .runner import ipc_kernel_manager, parallel
+from .sandbox import (Limits, Watchdog, limit_hit, make_workdir, read_reply, sandbox_problem,
+                                       sandboxed_kernel_manager, save_value, _sandbox_uid)
 
 # %% auto #0
-__all__ = ['BEGIN', 'END', 'HIDDEN_BEGIN', 'HIDDEN_END', 'GRADE_MARK', 'STATUSES', 'Exercise', 'strip_hidden', 'exercises',
-           'strip_solutions', 'student_notebook', 'student_bundle', 'GradeRow', 'grade_one', 'grade', 'syllabus']
+__all__ = ['BEGIN', 'END', 'HIDDEN_BEGIN', 'HIDDEN_END', 'STATUSES', 'Exercise', 'strip_hidden', 'exercises', 'strip_solutions',
+           'student_notebook', 'student_bundle', 'GradeRow', 'graded_notebook', 'tampering', 'grade_one', 'grade',
+           'syllabus']
 
 # %% ../../nbs/course/02_teach.ipynb #5ed0c2cc
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
@@ -131,7 +134,6 @@ def student_bundle(out_dir: str | Path, # where to write the bundle (created; mu
     return [out / ch.path.name for ch in chapters]
 
 # %% ../../nbs/course/02_teach.ipynb #2e8fe972
-GRADE_MARK = "DLOPT-GRADE "
 STATUSES = ("passed", "failed", "not done", "timed out", "could not run")
 
 @dataclass
@@ -146,110 +148,264 @@ class GradeRow:
     max_points: int
     message: str = ""
 
-def _grading_cell(module: str, e: Exercise, limit: int) -> str:
-    return f'''# grading cell added by dlopt-labs grade: the course's check, not the submission's
-import json as _json, signal as _signal
-from dataclasses import asdict as _asdict
-from dlopt_labs.lab import ExerciseResult as _ER
-from {module} import {e.check} as _check
-def _alarm(*_): raise TimeoutError("exercise {e.n} took longer than {limit} s")
-_signal.signal(_signal.SIGALRM, _alarm); _signal.alarm({limit})
-try:
-    try: _args = ({e.args},)
-    except NameError as _e: _res = _ER({e.n}, {e.title!r}, "not done", f"{{_e}}: the exercise's function is missing", {e.points})
-    else:
-        _res = _check(*_args)
-        if _res.status == "passed" and {bool(e.hidden)!r}:
-            try: exec({e.hidden!r}, globals())
-            except AssertionError as _e: _res = _ER({e.n}, {e.title!r}, "failed", f"a hidden test failed: {{_e}}", {e.points})
-            except TimeoutError: raise
-            except Exception as _e: _res = _ER({e.n}, {e.title!r}, "failed", f"a hidden test failed: {{type(_e).__name__}}: {{_e}}", {e.points})
-finally: _signal.alarm(0)
-print({GRADE_MARK!r} + _json.dumps(_asdict(_res)))'''
-
 def _chapter_of(nb) -> int | None:
     m = front_matter(nb)
     return int(m["chapter"]) if m else None
 
+def _is_check(line: str, e: Exercise) -> bool:
+    m = _CHECK_CALL.fullmatch(line)
+    return bool(m) and m.group(1) == e.check
+
+def _find(nb, cell, e: Exercise):
+    "The submission's cell for exercise `e`: the same cell id, else the cell defining the same function."
+    same = [c for c in nb.cells if c.get("id") == cell.get("id") and c.cell_type == "code"]
+    if same: return same[0]
+    m = re.search(r"^def (\w+)\(", cell.source, re.M)
+    return next((c for c in nb.cells if c.cell_type == "code" and m and re.search(rf"^def {m.group(1)}\(", c.source, re.M)), None)
+
+def graded_notebook(nb, # the submitted notebook
+                    chapter: int, # its chapter
+                   ) -> tuple[nbformat.NotebookNode, dict, list[str]]:
+    "The course's student notebook with the learner's answers put in: (notebook, {exercise: answer}, notes)."
+    course = student_notebook(chapter)
+    answers, notes = {}, []
+    for e in exercises(chapter):
+        cell = course.cells[e.cell]
+        lines = cell.source.split("\n")
+        k = next(i for i, l in enumerate(lines) if "replace this line with your solution" in l)
+        rest = lines[k + 1:]
+        tail = rest[next(i for i, l in enumerate(rest) if l.strip() and not l[0].isspace()):]   # after the function
+        at = next(i for i, l in enumerate(tail) if _is_check(l, e))
+        sub = _find(nb, cell, e)
+        if sub is None:
+            notes.append(f"exercise {e.n}: its cell is missing from the submission"); answers[e.n] = ""; continue
+        src = [l for l in strip_hidden(sub.source).split("\n") if l.strip() not in (BEGIN, END)]
+        hit = next((i for i in range(len(src) - 1, -1, -1) if _is_check(src[i], e)), None)
+        j = at
+        while hit is not None and hit > 0 and j > 0 and src[hit - 1].rstrip() == tail[j - 1].rstrip():
+            hit, j = hit - 1, j - 1                          # the course's comment lines before the check call
+        if hit is None:
+            hit = len(src); notes.append(f"exercise {e.n}: its check call was deleted; the course's was run")
+        elif [l.rstrip() for l in src[hit:]] != [l.rstrip() for l in tail]:
+            notes.append(f"exercise {e.n}: the lines after its function were changed; the course's were run")
+        answers[e.n] = "\n".join(src[:hit]).rstrip()
+        cell.source = answers[e.n] + "\n\n\n" + "\n".join(tail)
+    exercise_ids = {course.cells[e.cell].get("id") for e in exercises(chapter)}
+    theirs = {c.get("id"): c for c in nb.cells}
+    changed = [c for c in course.cells if c.get("id") not in exercise_ids and c.cell_type == "code"
+               and "parameters" not in c.metadata.get("tags", []) and c.get("id") in theirs
+               and theirs[c.get("id")].source.strip() != c.source.strip()]
+    ours = {c.get("id") for c in course.cells}
+    added = [c for c in nb.cells if c.cell_type == "code" and c.get("id") not in ours and c.source.strip()
+             and "injected-parameters" not in c.metadata.get("tags", [])]
+    if changed or added:
+        notes.append(f"{len(added)} added and {len(changed)} changed cells outside the exercises were not run "
+                     "(only the answers are graded)")
+    return course, answers, notes
+
+# %% ../../nbs/course/02_teach.ipynb #332bb384
+_TAMPER = ("ExerciseResult", "serve_call", "read_reply", "load_value", "save_value", "DLOPT-GRADE", "_getframe",
+           "currentframe", "f_back", "f_globals", "f_locals", "get_referrers", "get_objects", "__builtins__")
+_TAMPER_MODULES = ("dlopt_labs.course", "dlopt_labs.lab", "builtins", "gc", "inspect", "ctypes")
+
+def tampering(answer: str, # the learner's answer (from graded_notebook)
+              chapter: int, # its chapter
+             ) -> str | None:
+    "Why an answer reaches for the grading machinery (the first reason, with its line), or None."
+    import ast
+    checks = {n for n in dir(importlib.import_module(resolve(chapter).module)) if n.startswith("check_")}
+    try: tree = ast.parse(answer)
+    except SyntaxError: return None                          # a plain error, reported as such when it runs
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Name): names = [node.id]
+        elif isinstance(node, ast.Attribute): names = [node.attr]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str): names = [s for s in _TAMPER if s in node.value]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            bad = [m for m in mods if any(m == t or m.startswith(t + ".") for t in _TAMPER_MODULES)]
+            if bad: return f"imports {bad[0]} (line {node.lineno})"
+            names = [a.name for a in node.names]
+        if isinstance(node, ast.Attribute) and node.attr == "modules" and isinstance(node.value, ast.Name) and node.value.id == "sys":
+            return f"uses sys.modules (line {node.lineno})"
+        for n in names:
+            if n in checks: return f"refers to the course's check {n} (line {node.lineno})"
+            if n in _TAMPER: return f"refers to {n} (line {node.lineno})"
+    return None
+
+class _Abort(BaseException):
+    "Ends the grading of a submission (a BaseException, so no check's `except Exception` can swallow it)."
+    def __init__(self, reason: str): super().__init__(reason); self.reason = reason
+
+class _Sandboxed:
+    "The learner's functions as the grader sees them: each call runs in the submission's kernel, values cross as data."
+    def __init__(self, client, work: Path, timeout: int, limits: Limits, dog: Watchdog):
+        self.client, self.work, self.timeout, self.limits, self.dog, self.k = client, work, timeout, limits, dog, 0
+
+    def function(self, name: str):
+        def call(*args, **kwargs): return self.call(name, args, kwargs)
+        call.__name__ = call.__qualname__ = name
+        return call
+
+    def call(self, name, args, kwargs):
+        import secrets, time
+        self.k += 1
+        stem = self.work / "calls" / f"{self.k}-{secrets.token_hex(4)}"
+        save_value(f"{stem}.in", (tuple(args), dict(kwargs)))
+        cell = nbformat.v4.new_code_cell(f"import dlopt_labs.course.sandbox as _dlopt_sandbox\n"
+                                         f"_dlopt_sandbox.serve_call(globals(), {name!r}, {str(stem)!r})")
+        self.client.nb.cells.append(cell)
+        t0 = time.monotonic()
+        try: self.client.execute_cell(cell, len(self.client.nb.cells) - 1)
+        except Exception as e: raise _Abort(self._gone(e)) from None
+        kind, value = read_reply(stem)
+        if kind == "returned": return value
+        if kind == "missing": raise NameError(value)
+        if kind == "raised":
+            which = limit_hit(type(value).__name__, str(value))
+            if which: raise _Abort(f"could not run: {self.limits.describe(which)}")
+            raise value
+        for o in cell.get("outputs", []):
+            if o.output_type == "error":
+                which = limit_hit(o.ename, o.evalue)
+                if which: raise _Abort(f"could not run: {self.limits.describe(which)}")
+        if time.monotonic() - t0 >= self.timeout - 1: raise TimeoutError(f"{name} did not return within {self.timeout} s")
+        raise RuntimeError(f"{name} returned nothing the grader could read")
+
+    def _gone(self, e) -> str:
+        if self.dog.fired: return f"could not run: {self.limits.describe('wall_s')}"
+        proc = getattr(getattr(self.client.km, "provisioner", None), "process", None)
+        status = proc.poll() if proc is not None else None
+        which = limit_hit(exit_status=status)
+        if which: return f"could not run: {self.limits.describe(which)}"
+        return f"could not run: the kernel died ({type(e).__name__}" + (f", exit status {status})" if status is not None else ")")
+
+def _trusted_checks(sbx: _Sandboxed, chapter: int, exs: list, answers: dict, tampered: dict, cell_timeout: int) -> list[tuple]:
+    "Run the course's checks and hidden tests here, on proxies of the learner's functions: (exercise, status, message)."
+    import contextlib, io
+    mod = importlib.import_module(resolve(chapter).module)
+    out = []
+    for e in exs:
+        if tampered.get(e.n):
+            out.append((e, "failed", f"tampering with the checks: the answer {tampered[e.n]}; 0 points")); continue
+        ns = dict(vars(mod)); ns.update({n: sbx.function(n) for n in _defines(e, chapter)})
+        try: args = eval(f"({e.args},)", ns)
+        except NameError as err:
+            out.append((e, "not done", f"{err}: the exercise's function is missing")); continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            res = getattr(mod, e.check)(*args)
+        status, msg = res.status, res.message
+        if status == "passed" and e.hidden:
+            try: exec(e.hidden, ns)
+            except AssertionError as err: status, msg = "failed", f"a hidden test failed: {err}"
+            except TimeoutError as err: status, msg = "timed out", str(err)
+            except Exception as err: status, msg = "failed", f"a hidden test failed: {type(err).__name__}: {err}"
+        out.append((e, status, "not done yet" if status == "not done" else msg))
+    return out
+
 # %% ../../nbs/course/02_teach.ipynb #7e46529a
+def _defines(e: Exercise, chapter: int) -> list[str]:
+    "The names the course's own solution of `e` defines at top level: the functions the checks call."
+    import ast
+    src = strip_hidden(nbformat.read(resolve(chapter).path, as_version=4).cells[e.cell].source)
+    names = []
+    for node in ast.parse(src).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)): names.append(node.name)
+        elif isinstance(node, ast.Assign): names += [t.id for t in node.targets if isinstance(t, ast.Name)]
+    return names
+
 def grade_one(path: str | Path, # the submitted notebook
               chapter: int | None = None, # expected chapter (None: the one its front matter names)
               mode: str = "smoke", # the mode the submission runs in
-              cell_timeout: int = 120, # seconds a cell (and each check) may take
+              cell_timeout: int = 120, # seconds a cell (and each call of a learner's function) may take
               kernel: str = "python3", # Jupyter kernel
               env: dict | None = None, # variables added to the kernel's environment
+              limits: Limits | None = None, # what the submission may use (default: Limits())
+              sandbox: bool = True, # run the kernel in the sandbox (False: for trusted notebooks only)
              ) -> list[GradeRow]:
     "Grade one submission: one row per exercise of the chapter (or one row saying why it could not run)."
     from nbclient import NotebookClient
     from papermill.parameterize import parameterize_notebook
+    limits = limits or Limits()
     name = str(path)
     def fail(reason, ch=chapter): return [GradeRow(name, ch, None, "", "could not run", 0, 0, reason)]
+    if not Path(path).is_file(): return fail("no such file" if not Path(path).exists() else "not a file")
     try: nb = nbformat.read(str(path), as_version=4)
-    except FileNotFoundError: return fail("no such file")
-    except Exception as e: return fail(f"not a valid notebook (invalid JSON or nbformat): {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    except Exception as e:
+        return fail(f"not a notebook (invalid JSON or nbformat): {type(e).__name__}: {str(e).splitlines()[0][:160]}")
     declared = _chapter_of(nb)
     if chapter is None and declared is None: return fail("the notebook has no chapter front matter; pass --chapter N")
     if chapter is not None and declared is not None and declared != chapter:
         return fail(f"wrong chapter: this is chapter {declared}, the assignment is chapter {chapter}")
     ch = chapter or declared
-    try: module = resolve(ch).module; exs = exercises(ch)
+    try: exs = exercises(ch); built, answers, notes = graded_notebook(nb, ch)
     except ChapterError as e: return fail(str(e), ch)
-    called = {m.group(1) for c in nb.cells if c.cell_type == "code" for m in _CHECK_CALL.finditer(c.source)}
-    notes = [f"the check call of exercise {e.n} was deleted; graded with the course's check" for e in exs if e.check not in called]
-    work = Path(tempfile.mkdtemp(prefix="grade-"))
+    tampered = {e.n: tampering(answers[e.n], ch) for e in exs}
+    cell_ids = {e.n: built.cells[e.cell].get("id") for e in exs}
+    uid = _sandbox_uid() if sandbox else None
+    work = make_workdir(Path(tempfile.mkdtemp(prefix="dlopt-grade-")), uid)
     try:
-        for c in nb.cells: c.metadata.setdefault("tags", [])
-        nb.metadata.setdefault("papermill", {})
-        try: nb = parameterize_notebook(nb, dict(MODE=mode, RESULTS=str(work / "record.json")), kernel_name=kernel)
-        except Exception as e: notes.append(f"parameters not injected ({type(e).__name__})")
-        n_own = len(nb.cells)
-        for e in exs: nb.cells.append(nbformat.v4.new_code_cell(_grading_cell(module, e, cell_timeout)))
-        # the grading cells' own alarm fires at cell_timeout and reports "timed out"; the client's limit is a backstop
-        limit = lambda cell: cell_timeout + 15 if cell.source.startswith("# grading cell") else cell_timeout
-        client = NotebookClient(nb, timeout_func=limit, kernel_name=kernel, allow_errors=True, interrupt_on_timeout=True,
-                                kernel_manager_class=ipc_kernel_manager(env),
-                                resources={"metadata": {"path": str(work)}})
-        try: client.execute()
-        except Exception as e: return fail(f"the kernel failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", ch)
-        injected = next((i for i, c in enumerate(nb.cells) if "injected-parameters" in c.metadata.get("tags", [])), None)
-        for i, c in enumerate(nb.cells[:n_own]):
+        for c in built.cells: c.metadata.setdefault("tags", [])
+        built.metadata.setdefault("papermill", {})
+        built = parameterize_notebook(built, dict(MODE=mode, RESULTS=str(work / "record.json")), kernel_name=kernel)
+        manager = sandboxed_kernel_manager(work, limits, uid, env) if sandbox else ipc_kernel_manager(env)
+        client = NotebookClient(built, timeout=cell_timeout, kernel_name=kernel, allow_errors=True, interrupt_on_timeout=True,
+                                error_on_timeout=dict(ename="CellTimeoutError", evalue=f"no reply within {cell_timeout} s", traceback=[]),
+                                startup_timeout=120, kernel_manager_class=manager, resources={"metadata": {"path": str(work)}})
+        dog = Watchdog(limits.wall_s)
+        sbx = _Sandboxed(client, work, cell_timeout, limits, dog)
+        try:
+            with client.setup_kernel():
+                dog.start(client.km.provisioner.process.pid)
+                n_own = len(built.cells)
+                for i in range(n_own):
+                    try: client.execute_cell(built.cells[i], i)
+                    except Exception as e: raise _Abort(sbx._gone(e)) from None
+                    for o in built.cells[i].get("outputs", []):
+                        which = o.output_type == "error" and limit_hit(o.ename, o.evalue)
+                        if which: raise _Abort(f"could not run: {limits.describe(which)}")
+                results = _trusted_checks(sbx, ch, exs, answers, tampered, cell_timeout)
+        except _Abort as a: return fail(a.reason, ch)
+        finally: dog.cancel()
+        injected = next((i for i, c in enumerate(built.cells) if "injected-parameters" in c.metadata.get("tags", [])), None)
+        ex_of = {cell_ids[e.n]: e.n for e in exs}
+        for i, c in enumerate(built.cells[:n_own]):
             errs = [o for o in c.get("outputs", []) if o.output_type == "error"]
-            if errs:
-                why = "timed out (interrupted)" if errs[0].ename == "KeyboardInterrupt" else f"raised {errs[0].ename}: {errs[0].evalue[:120]}"
-                notes.append(f"cell {i - (injected is not None and i > injected)} {why}")     # index in the submitted notebook
-        rows = []
-        for e, c in zip(exs, nb.cells[n_own:]):
-            res = None
-            for o in c.get("outputs", []):
-                if o.output_type == "stream" and GRADE_MARK in o.text:
-                    res = json.loads(o.text.split(GRADE_MARK, 1)[1].splitlines()[0])
-            errs = [o for o in c.get("outputs", []) if o.output_type == "error"]
-            if res is None:
-                timed = bool(errs) and errs[0].ename in ("KeyboardInterrupt", "TimeoutError")
-                status, msg = ("timed out", f"the check did not finish within {cell_timeout} s") if timed else \
-                              ("failed", f"{errs[0].ename}: {errs[0].evalue[:200]}" if errs else "the check printed no result")
-            else: status, msg = res["status"], ("not done yet" if res["status"] == "not done" else res["message"])
-            rows.append(GradeRow(name, ch, e.n, e.title, status, e.points if status == "passed" else 0, e.points, msg))
+            if not errs: continue
+            why = "timed out" if errs[0].ename in ("KeyboardInterrupt", "CellTimeoutError") else f"raised {errs[0].ename}: {errs[0].evalue[:120]}"
+            if c.get("id") in ex_of: notes.append(f"the cell of exercise {ex_of[c.get('id')]} {why}")
+            else: notes.append(f"the course's cell {i - (injected is not None and i > injected)} {why}")
+        rows = [GradeRow(name, ch, e.n, e.title, s, e.points if s == "passed" else 0, e.points, m) for e, s, m in results]
         if notes and rows: rows[0].message = "; ".join(filter(None, [rows[0].message] + notes))
         return rows
     finally: shutil.rmtree(work, ignore_errors=True)
 
 # %% ../../nbs/course/02_teach.ipynb #5b234d3d
-def _grade_job(args): return grade_one(*args)
+def _grade_job(args):
+    "One submission, whatever happens: a failure of the grader itself is that submission's row, not the class's."
+    try: return grade_one(*args)
+    except Exception as e:
+        return [GradeRow(str(args[0]), args[1], None, "", "could not run", 0, 0, f"the grader failed: {type(e).__name__}: {e}")]
 
 def grade(paths: list, # submitted notebooks
           chapter: int | None = None, # the assignment's chapter (None: each submission's own)
           mode: str = "smoke", # mode the submissions run in
-          cell_timeout: int = 120, # seconds per cell and per check
+          cell_timeout: int = 120, # seconds per cell and per call of a learner's function
           workers: int = 2, # submissions graded in parallel
           out: str | Path | None = None, # CSV file of all rows
+          limits: Limits | None = None, # what each submission may use (default: Limits())
+          sandbox: bool = True, # False grades without the sandbox: trusted notebooks only
          ):
     "Grade submissions; returns (rows DataFrame, summary DataFrame). Every submission gets rows, whatever it contains."
     import pandas as pd
     if mode not in MODES: raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if type(cell_timeout) is not int or cell_timeout < 1: raise ValueError(f"the cell timeout must be a whole number of seconds >= 1, got {cell_timeout!r}")
+    if not paths: raise ValueError("no submissions given: pass the .ipynb files to grade")
     if chapter is not None: resolve(chapter)
+    if sandbox and sandbox_problem(): raise ValueError(f"cannot sandbox the submissions: {sandbox_problem()}")
+    limits = limits or Limits()
     env = dict(OMP_NUM_THREADS="1") if workers > 1 else {}
-    results = parallel(_grade_job, [(p, chapter, mode, cell_timeout, "python3", env) for p in paths], workers)
+    results = parallel(_grade_job, [(p, chapter, mode, cell_timeout, "python3", env, limits, sandbox) for p in paths], workers)
     rows = pd.DataFrame([asdict(r) for rs in results for r in rs], columns=list(GradeRow.__dataclass_fields__))
     if out is not None:
         with atomic_path(out) as tmp: rows.to_csv(tmp, index=False, quoting=csv.QUOTE_MINIMAL)
