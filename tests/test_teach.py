@@ -1,18 +1,14 @@
-"""Course tooling for instructors: the student bundle, the grader, the syllabus."""
-import copy
+"""Course tooling for instructors: the student bundle and the syllabus (the grader: test_grader.py)."""
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import nbformat
-import pandas as pd
 import pytest
 
-from dlopt_labs.course.runner import run_many
 from dlopt_labs.course.chapters import written_chapters
-from dlopt_labs.course.teach import BEGIN, END, exercises, grade, student_bundle, syllabus, strip_solutions
+from dlopt_labs.course.teach import BEGIN, END, exercises, strip_solutions
 import conftest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,91 +94,6 @@ def test_student_bundle_runs_end_to_end_and_reports_not_done(student_runs, n):
     assert rec["exercises"] and all(e["status"] == "not done" for e in rec["exercises"])
     assert len(rec["exercises"]) == len(exercises(n))
     assert {c["key"] for c in rec["claims"]} == set(written_chapters()[n].claims), "every cell before and between the exercises ran"
-
-
-@pytest.fixture(scope="module")
-def submissions(bundle, tmp_path_factory):
-    """One solved, one unsolved and the broken submissions of chapter 15."""
-    d = tmp_path_factory.mktemp("subs")
-    src = written_chapters()[15].path
-    nb = nbformat.read(src, as_version=4)
-    shutil.copy(src, d / "solved.ipynb")
-    shutil.copy(bundle / "15_prune.ipynb", d / "unsolved.ipynb")
-    (d / "invalid_json.ipynb").write_text('{"cells": [ not json')
-    shutil.copy(written_chapters()[29].path, d / "wrong_chapter.ipynb")
-    b = copy.deepcopy(nb); i = next(i for i, c in enumerate(b.cells) if "parameters" in c.metadata.get("tags", []))
-    b.cells.insert(i + 2, nbformat.v4.new_code_cell('raise RuntimeError("a planted error")')); nbformat.write(b, d / "cell_raises.ipynb")
-    b = copy.deepcopy(nb)
-    for c in b.cells:
-        if "def csr_break_even" in c.source:
-            c.source = c.source.replace("    n = rows * cols\n", "    while True: pass\n")
-            assert "while True" in c.source
-    nbformat.write(b, d / "infinite_loop.ipynb")
-    b = copy.deepcopy(nb)
-    for c in b.cells:
-        if "def capped_global_masks" in c.source: c.source = c.source.split("### END SOLUTION")[0] + "### END SOLUTION\n"
-    nbformat.write(b, d / "deleted_check.ipynb")
-    b = copy.deepcopy(nb)                                  # a learner who "fixes" the check cannot fool the grader
-    for c in b.cells:
-        if "def capped_global_masks" in c.source:
-            c.source = (c.source.split("### BEGIN SOLUTION")[0] + "    return {}\n\ncheck_capped_global_masks = lambda fn: None\n"
-                        "check_capped_global_masks(capped_global_masks)")
-    nbformat.write(b, d / "edited_check.ipynb")
-    b = copy.deepcopy(nb)                                  # answers the visible cases only: the hidden tests catch it
-    from dlopt_labs.efficient.prune import check_csr_break_even
-    for c in b.cells:
-        if "def csr_break_even" in c.source:
-            c.source = (c.source.split("### BEGIN SOLUTION")[0]
-                        + "    return {(8, 16, 4, 8): 0.71875, (3, 40, 4, 8): 83 / 120, (16, 2, 2, 8): None, (5, 7, 8, 4): 0.4,\n"
-                          "            (1, 1, 4, 8): None, (1, 10, 4, 8): 0.9}[rows, cols, value_bytes, index_bytes]\n"
-                        + "    ### END SOLUTION" + c.source.split("### END SOLUTION")[1])
-    nbformat.write(b, d / "visible_cases_only.ipynb")
-    return d
-
-
-@pytest.fixture(scope="module")
-def graded(submissions, tmp_path_factory):
-    csv = tmp_path_factory.mktemp("grades") / "scores.csv"
-    r = subprocess.run([CLI, "grade", *sorted(map(str, submissions.glob("*.ipynb"))), "--chapter", "15", "--timeout", "20", "--out", str(csv)],
-                       capture_output=True, text=True, timeout=900)
-    return r, pd.read_csv(csv)
-
-
-def _rows(df, name): return df[df.submission.str.endswith(name)]
-
-
-def test_solved_scores_full_marks_and_unsolved_zero(graded):
-    r, df = graded
-    solved, unsolved = _rows(df, "/solved.ipynb"), _rows(df, "/unsolved.ipynb")
-    assert len(solved) == len(exercises(15)) and (solved.status == "passed").all() and solved.points.sum() == solved.max_points.sum() > 0
-    assert (unsolved.status == "not done").all() and unsolved.points.sum() == 0 and (unsolved.message == "not done yet").all()
-
-
-def test_broken_submissions_get_their_row_and_reason(graded):
-    r, df = graded
-    bad = _rows(df, "/invalid_json.ipynb"); assert len(bad) == 1 and bad.status.iloc[0] == "could not run" and "invalid JSON" in bad.message.iloc[0]
-    wrong = _rows(df, "/wrong_chapter.ipynb"); assert wrong.status.iloc[0] == "could not run" and "this is chapter 29" in wrong.message.iloc[0]
-    raises = _rows(df, "/cell_raises.ipynb"); assert (raises.status == "passed").all() and "RuntimeError: a planted error" in raises.message.iloc[0]
-    loop = _rows(df, "/infinite_loop.ipynb").set_index("exercise")
-    assert loop.loc[1, "status"] == "passed" and loop.loc[2, "status"] == "timed out"
-    deleted = _rows(df, "/deleted_check.ipynb"); assert (deleted.status == "passed").all() and "was deleted" in deleted.message.iloc[0]
-    edited = _rows(df, "/edited_check.ipynb").set_index("exercise"); assert edited.loc[1, "status"] == "failed"
-    gamed = _rows(df, "/visible_cases_only.ipynb").set_index("exercise")
-    assert gamed.loc[2, "status"] == "failed" and "a hidden test failed" in gamed.loc[2, "message"], gamed.loc[2, "message"]
-    assert "one mask per weight expected" in edited.loc[1, "message"]
-
-
-def test_grader_prints_a_summary_and_its_exit_status_says_not_all_could_be_graded(graded):
-    r, df = graded
-    assert r.returncode == 1 and "2 of 9 submissions could not be graded" in r.stderr
-    assert "solved.ipynb" in r.stdout and "2/2" in r.stdout and "0/2" in r.stdout
-
-
-def test_grader_exit_status_zero_when_all_graded(submissions):
-    rows, summary = grade([str(submissions / "unsolved.ipynb")], 15, cell_timeout=60, workers=1)
-    assert (summary["could not run"] == 0).all()
-    r = subprocess.run([CLI, "grade", str(submissions / "unsolved.ipynb"), "--chapter", "99"], capture_output=True, text=True)
-    assert r.returncode == 2 and "there is no chapter 99" in r.stderr
 
 
 def test_syllabus_from_metadata_and_records(notebook_runs, tmp_path):

@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=("smoke", "full"), default="smoke", help="mode the submissions run in (default smoke)")
     g.add_argument("--timeout", type=int, default=120, help="seconds a cell or a check may take (default 120)")
     g.add_argument("--workers", type=int, default=2, help="submissions graded in parallel (default 2)")
+    g.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="a sandbox limit per submission: wall_s, cpu_s, memory_mib, processes, file_mib (see nbs/instructors)")
+    g.add_argument("--no-sandbox", action="store_true", help="grade without the sandbox: only for notebooks you trust")
     w = sub.add_parser("site", help="execute every written chapter and render the course site")
     w.add_argument("--mode", choices=("smoke", "full"), default="smoke", help="mode the chapters run in (default smoke)")
     w.add_argument("--out", type=Path, default=None, help="site folder (default: _site/)")
@@ -58,11 +61,28 @@ def _cmd_student(a) -> int:
     for p in paths: print(f"  {p.name}")
     return 0
 
+def _limits(pairs: list[str]):
+    "`--limit NAME=VALUE` options as a sandbox `Limits`; a clear error naming the limits there are."
+    from dataclasses import fields
+    from dlopt_labs.course.sandbox import Limits
+    names = [f.name for f in fields(Limits)]
+    kw = {}
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        if not eq or name not in names:
+            raise ValueError(f"--limit {pair!r}: expected NAME=VALUE with NAME one of {', '.join(names)}")
+        try: kw[name] = int(value)
+        except ValueError: raise ValueError(f"--limit {name}: {value!r} is not a whole number") from None
+    return Limits(**kw)
+
 def _cmd_grade(a) -> int:
     import pandas as pd
     from dlopt_labs.course.teach import grade
     if a.timeout < 1 or a.workers < 1: raise ValueError("--timeout and --workers must be >= 1")
-    rows, summary = grade([str(p) for p in a.submissions], a.chapter, a.mode, a.timeout, a.workers, a.out)
+    limits = _limits(a.limit)
+    if a.no_sandbox: print("dlopt-labs: warning: grading without the sandbox; only for notebooks you trust", file=sys.stderr)
+    rows, summary = grade([str(p) for p in a.submissions], a.chapter, a.mode, a.timeout, a.workers, a.out, limits,
+                          sandbox=not a.no_sandbox)
     with pd.option_context("display.max_colwidth", 80, "display.width", 250):
         print(summary.to_string(index=False))
     if a.out: print(f"\n{len(rows)} rows written to {a.out}")

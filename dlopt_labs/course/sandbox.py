@@ -109,7 +109,7 @@ def sandbox_command(cmd: list[str], # the command to run inside (a kernel's)
     args += [f"--{k}={getattr(limits, k)}" for k in _RLIMITS] + ([f"--uid={uid}"] if uid is not None else []) + ["--", *cmd]
     return args
 
-_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+_ENV_KEEP = ("PATH", "DLOPT_ROOT", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
              "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "VIRTUAL_ENV", "DLOPT_PROGRESS")
 
 def sandbox_env(work: Path, extra: dict | None = None) -> dict:
@@ -173,6 +173,8 @@ def sandboxed_kernel_manager(work: Path, # the submission's folder, from make_wo
         def format_kernel_cmd(self, extra_arguments=None):
             return sandbox_command(super().format_kernel_cmd(extra_arguments), work, limits, uid)
         async def start_kernel(self, **kw):
+            # interrupts go as messages: a SIGINT to the kernel's process would reach bubblewrap, not the kernel
+            self.kernel_spec.interrupt_mode = "message"
             kw["env"] = sandbox_env(work, env)
             return await super().start_kernel(**kw)
     return SandboxedKernelManager

@@ -216,7 +216,7 @@ def tampering(answer: str, # the learner's answer (from graded_notebook)
     checks = {n for n in dir(importlib.import_module(resolve(chapter).module)) if n.startswith("check_")}
     try: tree = ast.parse(answer)
     except SyntaxError: return None                          # a plain error, reported as such when it runs
-    for node in ast.walk(tree):
+    for node in sorted((n for n in ast.walk(tree) if hasattr(n, "lineno")), key=lambda n: (n.lineno, n.col_offset, n.end_col_offset or 0)):
         names = []
         if isinstance(node, ast.Name): names = [node.id]
         elif isinstance(node, ast.Attribute): names = [node.attr]
@@ -233,6 +233,8 @@ def tampering(answer: str, # the learner's answer (from graded_notebook)
             if n in _TAMPER: return f"refers to {n} (line {node.lineno})"
     return None
 
+_PROBE_S = 10     # seconds an interrupted kernel has to answer again
+
 class _Abort(BaseException):
     "Ends the grading of a submission (a BaseException, so no check's `except Exception` can swallow it)."
     def __init__(self, reason: str): super().__init__(reason); self.reason = reason
@@ -248,16 +250,13 @@ class _Sandboxed:
         return call
 
     def call(self, name, args, kwargs):
-        import secrets, time
+        import secrets
         self.k += 1
         stem = self.work / "calls" / f"{self.k}-{secrets.token_hex(4)}"
         save_value(f"{stem}.in", (tuple(args), dict(kwargs)))
         cell = nbformat.v4.new_code_cell(f"import dlopt_labs.course.sandbox as _dlopt_sandbox\n"
                                          f"_dlopt_sandbox.serve_call(globals(), {name!r}, {str(stem)!r})")
-        self.client.nb.cells.append(cell)
-        t0 = time.monotonic()
-        try: self.client.execute_cell(cell, len(self.client.nb.cells) - 1)
-        except Exception as e: raise _Abort(self._gone(e)) from None
+        elapsed = self.run(cell)
         kind, value = read_reply(stem)
         if kind == "returned": return value
         if kind == "missing": raise NameError(value)
@@ -265,12 +264,30 @@ class _Sandboxed:
             which = limit_hit(type(value).__name__, str(value))
             if which: raise _Abort(f"could not run: {self.limits.describe(which)}")
             raise value
-        for o in cell.get("outputs", []):
-            if o.output_type == "error":
-                which = limit_hit(o.ename, o.evalue)
-                if which: raise _Abort(f"could not run: {self.limits.describe(which)}")
-        if time.monotonic() - t0 >= self.timeout - 1: raise TimeoutError(f"{name} did not return within {self.timeout} s")
+        if elapsed >= self.timeout: raise TimeoutError(f"{name} did not return within {self.timeout} s")
         raise RuntimeError(f"{name} returned nothing the grader could read")
+
+    def run(self, cell, index: int | None = None) -> float:
+        "Execute a cell in the kernel; its seconds. A cell past its time limit is interrupted, and a kernel that goes on "
+        "regardless, or dies, ends the submission's grading."
+        import time
+        if index is None: self.client.nb.cells.append(cell); index = len(self.client.nb.cells) - 1
+        t0 = time.monotonic()
+        try: self.client.execute_cell(cell, index)
+        except Exception as e: raise _Abort(self._gone(e)) from None
+        elapsed = time.monotonic() - t0
+        if elapsed >= self.timeout:                      # interrupted: does the kernel answer again?
+            probe = nbformat.v4.new_code_cell("pass"); probe.metadata["probe"] = True
+            self.client.nb.cells.append(probe)
+            t1 = time.monotonic()
+            try: self.client.execute_cell(probe, len(self.client.nb.cells) - 1)
+            except Exception as e: raise _Abort(self._gone(e)) from None
+            if time.monotonic() - t1 >= _PROBE_S:
+                raise _Abort(f"could not run: a cell ran past its time limit ({self.timeout} s) and went on after the interrupt")
+        for o in cell.get("outputs", []):
+            which = o.output_type == "error" and limit_hit(o.ename, o.evalue)
+            if which: raise _Abort(f"could not run: {self.limits.describe(which)}")
+        return elapsed
 
     def _gone(self, e) -> str:
         if self.dog.fired: return f"could not run: {self.limits.describe('wall_s')}"
@@ -349,30 +366,26 @@ def grade_one(path: str | Path, # the submitted notebook
         built.metadata.setdefault("papermill", {})
         built = parameterize_notebook(built, dict(MODE=mode, RESULTS=str(work / "record.json")), kernel_name=kernel)
         manager = sandboxed_kernel_manager(work, limits, uid, env) if sandbox else ipc_kernel_manager(env)
-        client = NotebookClient(built, timeout=cell_timeout, kernel_name=kernel, allow_errors=True, interrupt_on_timeout=True,
+        client = NotebookClient(built, timeout_func=lambda c: _PROBE_S if c.metadata.get("probe") else cell_timeout, kernel_name=kernel, allow_errors=True, interrupt_on_timeout=True,
                                 error_on_timeout=dict(ename="CellTimeoutError", evalue=f"no reply within {cell_timeout} s", traceback=[]),
                                 startup_timeout=120, kernel_manager_class=manager, resources={"metadata": {"path": str(work)}})
         dog = Watchdog(limits.wall_s)
         sbx = _Sandboxed(client, work, cell_timeout, limits, dog)
+        n_own, timed_out = len(built.cells), set()
         try:
             with client.setup_kernel():
                 dog.start(client.km.provisioner.process.pid)
-                n_own = len(built.cells)
-                for i in range(n_own):
-                    try: client.execute_cell(built.cells[i], i)
-                    except Exception as e: raise _Abort(sbx._gone(e)) from None
-                    for o in built.cells[i].get("outputs", []):
-                        which = o.output_type == "error" and limit_hit(o.ename, o.evalue)
-                        if which: raise _Abort(f"could not run: {limits.describe(which)}")
+                timed_out = {i for i in range(n_own) if sbx.run(built.cells[i], i) >= cell_timeout}
                 results = _trusted_checks(sbx, ch, exs, answers, tampered, cell_timeout)
         except _Abort as a: return fail(a.reason, ch)
+        except Exception as e: return fail(sbx._gone(e), ch)          # the kernel did not start, or died starting
         finally: dog.cancel()
         injected = next((i for i, c in enumerate(built.cells) if "injected-parameters" in c.metadata.get("tags", [])), None)
         ex_of = {cell_ids[e.n]: e.n for e in exs}
         for i, c in enumerate(built.cells[:n_own]):
             errs = [o for o in c.get("outputs", []) if o.output_type == "error"]
-            if not errs: continue
-            why = "timed out" if errs[0].ename in ("KeyboardInterrupt", "CellTimeoutError") else f"raised {errs[0].ename}: {errs[0].evalue[:120]}"
+            if not errs and i not in timed_out: continue
+            why = "timed out" if i in timed_out or errs[0].ename == "KeyboardInterrupt" else f"raised {errs[0].ename}: {errs[0].evalue[:120]}"
             if c.get("id") in ex_of: notes.append(f"the cell of exercise {ex_of[c.get('id')]} {why}")
             else: notes.append(f"the course's cell {i - (injected is not None and i > injected)} {why}")
         rows = [GradeRow(name, ch, e.n, e.title, s, e.points if s == "passed" else 0, e.points, m) for e, s, m in results]
