@@ -55,7 +55,7 @@ def atomic_path(path: str | Path): # the file or folder to write
     """Yield a temporary path beside `path`; when the block ends without error, move it into place (replacing a file or
     a folder already there), else remove it. Write to the yielded path, never to `path` itself."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(f".{path.stem}.part-{uuid.uuid4().hex[:8]}{path.suffix}")     # the suffix kept: tools read it
     try:
         yield tmp
         if not tmp.exists(): raise FileNotFoundError(f"atomic_path: nothing was written to {tmp} for {path}")

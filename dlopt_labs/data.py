@@ -33,7 +33,11 @@ def datasets_dir() -> Path:
 
 def manifest() -> dict:
     "The manifest: one entry per data set (origin, licence, size, sha256, card)."
-    return json.loads((datasets_dir() / "manifest.json").read_text(encoding="utf-8"))
+    path = datasets_dir() / "manifest.json"
+    try: return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is corrupted ({type(e).__name__} at {getattr(e, 'lineno', '?')}:{getattr(e, 'colno', '?')}): "
+                        "restore it with `git checkout datasets/manifest.json`, or copy it from a fresh student bundle") from None
 
 def array_sha256(*arrays: np.ndarray) -> str:
     "sha256 over the dtype, shape and bytes of each array, in order: a checksum of a data set's content."

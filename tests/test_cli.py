@@ -54,9 +54,9 @@ def test_bad_mode_is_refused_by_argparse():
 def test_interrupted_run_leaves_no_partial_output(tmp_path):
     p = subprocess.Popen([CLI, "run", "29", "--mode", "full", "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while time.time() < deadline and not list(tmp_path.glob(".*.ipynb.part-*")):   # papermill has started writing
+    while time.time() < deadline and not list(tmp_path.glob(".*.part-*.ipynb")):   # papermill has started writing
         time.sleep(0.2)
-    assert list(tmp_path.glob(".*.ipynb.part-*")), "the run never started"
+    assert list(tmp_path.glob(".*.part-*.ipynb")), "the run never started"
     time.sleep(2)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)

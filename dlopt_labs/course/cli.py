@@ -93,6 +93,9 @@ def _cmd_grade(a) -> int:
 def _cmd_site(a) -> int:
     import time
     from dlopt_labs.course.site import build_site
+    if a.workers < 1: raise ValueError(f"--workers must be >= 1, got {a.workers}")
+    if a.runs is not None and not a.runs.is_dir():
+        raise ValueError(f"--runs {a.runs}: no such folder; pass the --out folder of `dlopt-labs run all`, or leave --runs out")
     t0 = time.perf_counter()
     home = build_site(a.out, a.mode, a.runs, a.workers, quiet=True)
     print(f"site built in {time.perf_counter() - t0:.1f} s: {home}")
@@ -100,6 +103,8 @@ def _cmd_site(a) -> int:
 
 def _cmd_syllabus(a) -> int:
     from dlopt_labs.course.teach import syllabus
+    if a.records is not None and not a.records.is_dir():
+        raise ValueError(f"--records {a.records}: no such folder; pass the --out folder of `dlopt-labs run`, or leave it out for _runs/")
     text = syllabus(a.records)
     if a.out:
         from dlopt_labs.core import atomic_path
@@ -133,6 +138,7 @@ def _print_result(r):
 def _cmd_run(a) -> int:
     from dlopt_labs.course.chapters import resolve, written_chapters
     from dlopt_labs.course.runner import chapter_parameters, parse_params, run_chapter, run_many, summary_table
+    if a.timeout is not None and a.timeout < 1: raise ValueError(f"--timeout must be >= 1 second, got {a.timeout}")
     if a.chapter == "all":
         if a.param: raise ValueError("-p applies to one chapter; run chapters one at a time to set parameters")
         if a.workers < 1: raise ValueError(f"--workers must be >= 1, got {a.workers}")

@@ -176,6 +176,9 @@ def sandboxed_kernel_manager(work: Path, # the submission's folder, from make_wo
             # interrupts go as messages: a SIGINT to the kernel's process would reach bubblewrap, not the kernel
             self.kernel_spec.interrupt_mode = "message"
             kw["env"] = sandbox_env(work, env)
+            # what the kernel prints to its own stdout and stderr goes to a log in its folder, not the grader's terminal
+            self._log = open(work / "kernel.log", "ab")
+            kw["stdout"] = kw["stderr"] = self._log
             return await super().start_kernel(**kw)
     return SandboxedKernelManager
 

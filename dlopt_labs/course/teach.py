@@ -267,7 +267,7 @@ class _Sandboxed:
         if elapsed >= self.timeout: raise TimeoutError(f"{name} did not return within {self.timeout} s")
         raise RuntimeError(f"{name} returned nothing the grader could read")
 
-    def run(self, cell, index: int | None = None) -> float:
+    def run(self, cell, index: int | None = None, limit: int | None = None) -> float:
         "Execute a cell in the kernel; its seconds. A cell past its time limit is interrupted, and a kernel that goes on "
         "regardless, or dies, ends the submission's grading."
         import time
@@ -275,15 +275,15 @@ class _Sandboxed:
         t0 = time.monotonic()
         try: self.client.execute_cell(cell, index)
         except Exception as e: raise _Abort(self._gone(e)) from None
-        elapsed = time.monotonic() - t0
-        if elapsed >= self.timeout:                      # interrupted: does the kernel answer again?
+        elapsed, limit = time.monotonic() - t0, limit or self.timeout
+        if elapsed >= limit:                             # interrupted: does the kernel answer again?
             probe = nbformat.v4.new_code_cell("pass"); probe.metadata["probe"] = True
             self.client.nb.cells.append(probe)
             t1 = time.monotonic()
             try: self.client.execute_cell(probe, len(self.client.nb.cells) - 1)
             except Exception as e: raise _Abort(self._gone(e)) from None
             if time.monotonic() - t1 >= _PROBE_S:
-                raise _Abort(f"could not run: a cell ran past its time limit ({self.timeout} s) and went on after the interrupt")
+                raise _Abort(f"could not run: a cell ran past its time limit ({limit} s) and went on after the interrupt")
         for o in cell.get("outputs", []):
             which = o.output_type == "error" and limit_hit(o.ename, o.evalue)
             if which: raise _Abort(f"could not run: {self.limits.describe(which)}")
@@ -366,7 +366,11 @@ def grade_one(path: str | Path, # the submitted notebook
         built.metadata.setdefault("papermill", {})
         built = parameterize_notebook(built, dict(MODE=mode, RESULTS=str(work / "record.json")), kernel_name=kernel)
         manager = sandboxed_kernel_manager(work, limits, uid, env) if sandbox else ipc_kernel_manager(env)
-        client = NotebookClient(built, timeout_func=lambda c: _PROBE_S if c.metadata.get("probe") else cell_timeout, kernel_name=kernel, allow_errors=True, interrupt_on_timeout=True,
+        # the learner's code (exercise cells, calls) has cell_timeout; the course's own cells the chapter's budget, 5 times over
+        course_s = max(cell_timeout, 5 * resolve(ch).budget_s[mode])
+        learner = set(cell_ids.values())
+        limit = lambda c: _PROBE_S if c.metadata.get("probe") else cell_timeout if c.get("id") in learner or "_dlopt_sandbox" in c.source else course_s
+        client = NotebookClient(built, timeout_func=limit, kernel_name=kernel, allow_errors=True, interrupt_on_timeout=True,
                                 error_on_timeout=dict(ename="CellTimeoutError", evalue=f"no reply within {cell_timeout} s", traceback=[]),
                                 startup_timeout=120, kernel_manager_class=manager, resources={"metadata": {"path": str(work)}})
         dog = Watchdog(limits.wall_s)
@@ -375,7 +379,7 @@ def grade_one(path: str | Path, # the submitted notebook
         try:
             with client.setup_kernel():
                 dog.start(client.km.provisioner.process.pid)
-                timed_out = {i for i in range(n_own) if sbx.run(built.cells[i], i) >= cell_timeout}
+                timed_out = {i for i in range(n_own) if sbx.run(built.cells[i], i, limit(built.cells[i])) >= limit(built.cells[i])}
                 results = _trusted_checks(sbx, ch, exs, answers, tampered, cell_timeout)
         except _Abort as a: return fail(a.reason, ch)
         except Exception as e: return fail(sbx._gone(e), ch)          # the kernel did not start, or died starting

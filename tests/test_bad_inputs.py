@@ -1,0 +1,168 @@
+"""Bad input, one table: what a learner or an instructor may get wrong, and the one line each gets back, naming the
+problem and the fix. Usage errors exit with status 2; nothing is left half-written."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from dlopt_labs.core import course_root
+from dlopt_labs.course.chapters import written_chapters
+
+CLI = str(Path(sys.executable).parent / "dlopt-labs")
+PARAMS15 = "MODE, SEED, RESULTS, EPOCHS, FINETUNE_EPOCHS, SPARSITIES, ROUNDS"
+NO_CH = "there is no chapter {n}: the course has chapters 1 to 30 (see `dlopt-labs list`)"
+E = "dlopt-labs: error: "
+
+# (name, command line, exit status, the last line of stderr); {tmp} is the test's own folder
+CLI_CASES = [
+    ("unknown chapter", "run 99", 2, E + NO_CH.format(n=99)),
+    ("chapter out of range for new", "new 31", 2, E + NO_CH.format(n=31)),
+    ("chapter already written", "new 15", 2,
+     E + f"chapter 15 (Pruning) is already written: {written_chapters()[15].path}; edit that notebook instead"),
+    ("bad parameter name", "run 15 -p NOPE=1", 2,
+     E + f"chapter 15 has no parameter 'NOPE'; its parameters are: {PARAMS15}"),
+    ("bad parameter type", "run 15 -p SEED=three", 2,
+     E + "parameter SEED of chapter 15 takes a value of type int (default 0), got 'three'"),
+    ("bad parameter value", "run 15 -p MODE=fast", 2, E + "MODE must be one of ('smoke', 'full'), got 'fast'"),
+    ("parameter without =", "run 15 -p garbage", 2, E + "parameter 'garbage' is not of the form name=value"),
+    ("parameter for every chapter", "run all -p SEED=1", 2,
+     E + "-p applies to one chapter; run chapters one at a time to set parameters"),
+    ("no workers", "run all --workers 0", 2, E + "--workers must be >= 1, got 0"),
+    ("zero cell timeout", "run 15 --timeout 0", 2, E + "--timeout must be >= 1 second, got 0"),
+    ("unknown mode", "run 15 --mode fast", 2,
+     "dlopt-labs run: error: argument --mode: invalid choice: 'fast' (choose from 'smoke', 'full')"),
+    ("unknown command", "frobnicate", 2,
+     "dlopt-labs: error: argument cmd: invalid choice: 'frobnicate' (choose from 'list', 'new', 'run', 'student', "
+     "'grade', 'site', 'syllabus')"),
+    ("bundle into a folder that is not empty", "student {tmp}/full 15", 2,
+     E + "{tmp}/full is not empty: choose a new folder for the bundle, so nothing of yours is overwritten"),
+    ("bundle of an unknown chapter", "student {tmp}/new 99", 2, E + NO_CH.format(n=99)),
+    ("grade an unknown chapter", "grade {tmp}/s15.ipynb --chapter 99", 2, E + NO_CH.format(n=99)),
+    ("unknown sandbox limit", "grade {tmp}/s15.ipynb --limit foo=1", 2,
+     E + "--limit 'foo=1': expected NAME=VALUE with NAME one of wall_s, cpu_s, memory_mib, processes, file_mib"),
+    ("zero sandbox limit", "grade {tmp}/s15.ipynb --limit memory_mib=0", 2,
+     E + "sandbox limit memory_mib must be a whole number >= 1, got 0"),
+    ("sandbox limit not a number", "grade {tmp}/s15.ipynb --limit wall_s=ten", 2,
+     E + "--limit wall_s: 'ten' is not a whole number"),
+    ("zero grading timeout", "grade {tmp}/s15.ipynb --timeout 0", 2, E + "--timeout and --workers must be >= 1"),
+    ("records folder missing", "syllabus --records {tmp}/none", 2,
+     E + "--records {tmp}/none: no such folder; pass the --out folder of `dlopt-labs run`, or leave it out for _runs/"),
+    ("runs folder missing", "site --runs {tmp}/none", 2,
+     E + "--runs {tmp}/none: no such folder; pass the --out folder of `dlopt-labs run all`, or leave --runs out"),
+]
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "full").mkdir(); (d / "full" / "mine.txt").write_text("mine")
+    from dlopt_labs.course.teach import student_notebook
+    nbformat.write(student_notebook(15), d / "s15.ipynb")
+    return d
+
+
+def _snapshot(d):
+    return sorted((str(p.relative_to(d)), p.stat().st_size) for p in d.rglob("*"))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name, argv, status, line", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_command_line(tmp, capsys, name, argv, status, line):
+    """The command's own entry point, in this process (the installed script is tested below and in test_cli.py)."""
+    from dlopt_labs.course.cli import main
+    before = _snapshot(tmp)
+    try: code = main(argv.format(tmp=tmp).split())
+    except SystemExit as e: code = e.code                    # argparse's own usage errors
+    err = capsys.readouterr().err
+    assert code == status, err[-1000:]
+    assert err.strip().splitlines()[-1] == line.format(tmp=tmp)
+    assert _snapshot(tmp) == before, "a refused command wrote something"
+
+
+def test_the_installed_command_exits_2_on_a_usage_error():
+    r = subprocess.run([CLI, "run", "99"], capture_output=True, text=True, timeout=100)
+    assert r.returncode == 2 and r.stderr.strip() == E + NO_CH.format(n=99)
+
+
+def test_output_folder_with_a_missing_parent_is_created(tmp_path):
+    out = tmp_path / "handout" / "week1"
+    r = subprocess.run([CLI, "student", str(out), "15"], capture_output=True, text=True, timeout=100)
+    assert r.returncode == 0 and (out / "15_prune.ipynb").exists(), r.stderr
+    assert sorted(p.name for p in (tmp_path / "handout").iterdir()) == ["week1"], "no staging folder left beside it"
+
+
+@pytest.fixture
+def corrupted(tmp_path):
+    """A copy of datasets/ whose manifest says another checksum for digits."""
+    d = tmp_path / "datasets"
+    shutil.copytree(course_root() / "datasets", d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["digits"]["sha256"] = "0" * 64
+    (d / "manifest.json").write_text(json.dumps(m))
+    return d
+
+
+def test_chapter_failing_mid_run_on_a_corrupted_data_set(corrupted, tmp_path):
+    out = tmp_path / "runs" / "deep"                         # its parent is missing too: created
+    r = subprocess.run([CLI, "run", "15", "--mode", "smoke", "--out", str(out)], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, DLOPT_DATASETS=str(corrupted), OMP_NUM_THREADS="1"))
+    assert r.returncode == 1
+    err = next(l for l in r.stdout.splitlines() if l.startswith("  error: "))
+    assert err.startswith("  error: cell ") and ": DataError: checksum mismatch for 'digits': the arrays hash to " in err
+    assert err.endswith("Reinstall the pinned packages with `make setup`, or, if the change is intended, update "
+                        "datasets/manifest.json.")
+    assert sorted(p.name for p in out.iterdir()) == ["ch15-smoke.failed.ipynb"], "no record or notebook half-written"
+
+
+def _raises(fn, *args, **kw):
+    try: fn(*args, **kw)
+    except Exception as e: return type(e).__name__, str(e)
+    raise AssertionError(f"{fn.__name__} accepted {args} {kw}")
+
+
+def test_library_calls(corrupted, monkeypatch):
+    from dlopt_labs import data
+    from dlopt_labs.course.runner import parse_params, run_chapter
+    from dlopt_labs.course.teach import strip_solutions
+    assert _raises(data.load, "digitz") == (
+        "DataError", f"unknown data set 'digitz'; known: {', '.join(data.names())}. Did you mean 'digits'?")
+    assert _raises(data.register, "digits", lambda: None) == (
+        "DataError", "a data set named 'digits' is already registered; pass overwrite=True to replace it")
+    ds = data.load("wine")
+    assert _raises(data.split, ds, val=0.6, test=0.5) == (
+        "ValueError", "val and test must be fractions in (0, 1) with val + test < 1, got val=0.6, test=0.5")
+    assert _raises(run_chapter, 15, mode="fast") == ("ChapterError", "mode must be one of ('smoke', 'full'), got 'fast'")
+    assert _raises(parse_params, ["SPARSITIES=0.5"], {"SPARSITIES": ([0.5, 0.9], "")}, 15) == (
+        "ChapterError", "parameter SPARSITIES of chapter 15 takes a value of type list (default [0.5, 0.9]), got '0.5'")
+    assert _raises(strip_solutions, "### BEGIN SOLUTION\nx = 1", "exercise 1") == (
+        "ValueError", "exercise 1: ### BEGIN SOLUTION without ### END SOLUTION")
+    monkeypatch.setenv("DLOPT_DATASETS", str(corrupted))
+    assert _raises(data.load, "digits")[1].startswith("checksum mismatch for 'digits': the arrays hash to ")
+    (corrupted / "manifest.json").write_text("{ broken")
+    assert _raises(data.load, "digits") == (
+        "DataError", f"{corrupted}/manifest.json is corrupted (JSONDecodeError at 1:3): restore it with "
+        "`git checkout datasets/manifest.json`, or copy it from a fresh student bundle")
+
+
+def test_grader_rows(tmp, tmp_path):
+    """Submissions the grader cannot grade get a row each, with the reason, before any kernel starts."""
+    from dlopt_labs.course.teach import grade_one
+    (tmp_path / "script.ipynb").write_text("print('hello')\n")
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")]), tmp_path / "bare.ipynb")
+    cases = [
+        (tmp_path / "missing.ipynb", 15, "no such file"),
+        (tmp_path, 15, "not a file"),
+        (tmp_path / "script.ipynb", 15,
+         "not a notebook (invalid JSON or nbformat): NotJSONError: Notebook does not appear to be JSON: \"print('hello')\\n\""),
+        (tmp_path / "bare.ipynb", None, "the notebook has no chapter front matter; pass --chapter N"),
+    ]
+    if 29 in written_chapters():
+        cases.append((written_chapters()[29].path, 15, "wrong chapter: this is chapter 29, the assignment is chapter 15"))
+    for path, chapter, message in cases:
+        rows = grade_one(path, chapter)
+        assert [(r.status, r.points, r.message) for r in rows] == [("could not run", 0, message)], path
