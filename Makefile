@@ -11,7 +11,7 @@ SITE_PORT ?= 8000
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PORT ?= 8888
 
-.PHONY: setup lab test run bench readme export site serve browser-deps clean
+.PHONY: setup lab test run bench stress readme export site serve system-deps browser-deps clean
 
 setup: $(STAMP)  ## create .venv and install the pinned CPU torch and everything else (idempotent)
 
@@ -28,10 +28,12 @@ $(STAMP): settings.ini setup.py site/package.json site/package-lock.json
 lab: setup  ## open JupyterLab on the course home page
 	cd nbs && DLOPT_PROGRESS=1 ../$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(PORT) $(ROOT_FLAG) index.ipynb
 
-browser-deps:  ## Debian's Chromium and a CJK font, for the browser tests (installed when missing)
-	@command -v chromium >/dev/null && fc-list 2>/dev/null | grep -qi "wenquanyi" || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei >/dev/null; }
+system-deps:  ## Debian's Chromium and a CJK font (browser tests), bubblewrap (the grader's sandbox); installed when missing
+	@command -v chromium >/dev/null && command -v bwrap >/dev/null && fc-list 2>/dev/null | grep -qi "wenquanyi" || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei bubblewrap >/dev/null; }
 
-test: setup browser-deps  ## the whole test suite (also fails when notebooks and library are out of sync)
+browser-deps: system-deps
+
+test: setup system-deps  ## the whole test suite (also fails when notebooks and library are out of sync)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -q
 
 run: setup  ## run one chapter: make run CH=15 [MODE=smoke]
@@ -43,6 +45,9 @@ site: setup  ## execute every written chapter (MODE=smoke by default, MODE=full 
 serve:  ## serve _site/ on 127.0.0.1
 	@test -f _site/index.html || { echo "no _site/ yet: run make site"; exit 1; }
 	$(BIN)/python -m http.server $(SITE_PORT) --bind 127.0.0.1 --directory _site
+
+stress: setup  ## one chapter run 30 times, 3 at a time, stalled kernels dumped with py-spy: make stress CH=15
+	OMP_NUM_THREADS=1 $(BIN)/python tests/stress_kernels.py --chapter $(CH) --runs 30 --workers 3
 
 bench: setup  ## fit()'s overhead over a plain PyTorch loop, measured side by side
 	$(BIN)/python tests/bench_fit.py

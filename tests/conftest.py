@@ -8,8 +8,28 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = int(os.environ.get("DLOPT_TEST_WORKERS", "2"))
-CELL_TIMEOUT = 120          # a cell stuck this long fails its notebook instead of stalling the suite
-RETRIES = 1                 # a chapter run whose cell timed out is run once more (RunResult.attempts says so): see the note on the rare kernel stall
+CELL_TIMEOUT = 120          # a foundation or tooling notebook's cell stuck this long fails it instead of stalling the suite
+RETRIES = 0                 # no rerun of a chapter whose cell timed out: the kernel stall it papered over was ipykernel 7's (pinned <7)
+
+
+def cell_limit(n):
+    """A chapter's cell limit in the suite: five times its whole smoke budget."""
+    from dlopt_labs.course.chapters import written_chapters
+    return 5 * written_chapters()[n].budget_s["smoke"]
+
+
+def session_limit():
+    """The time limit of a test that needs the session's runs (they run in its setup): every chapter at its cell limit
+    and every foundation notebook at 120 s, shared among the workers, plus a minute of kernel starts."""
+    work = sum(cell_limit(n) for n in selected_chapters()) + 120 * len(foundation_notebooks())
+    return int(60 + work / WORKERS)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that use the session's notebook runs get `session_limit()` (unless they set their own)."""
+    for item in items:
+        if item.get_closest_marker("timeout") is None and {"notebook_runs", "records"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.timeout(max(session_limit(), int(config.getini("timeout") or 0))))
 
 
 def _execute_notebook(path, out, parameters=None, cwd=None):
@@ -32,7 +52,7 @@ def _job(job):
     kind, what, out, *extra = job
     if kind == "chapter":
         from dlopt_labs.course.runner import run_chapter
-        return run_chapter(what, "smoke", out=out, timeout=CELL_TIMEOUT, retries=RETRIES, env=dict(OMP_NUM_THREADS="1"))
+        return run_chapter(what, "smoke", out=out, timeout=cell_limit(what), retries=RETRIES, env=dict(OMP_NUM_THREADS="1"))
     return _execute_notebook(what, out / what.name, *extra)
 
 
@@ -99,7 +119,7 @@ def browser():
     import shutil
     from playwright.sync_api import sync_playwright
     exe = shutil.which("chromium")
-    assert exe, "Chromium is not installed: run `make browser-deps` (apt-get install -y chromium fonts-wqy-microhei)"
+    assert exe, "Chromium is not installed: run `make system-deps` (apt-get install -y chromium fonts-wqy-microhei bubblewrap)"
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS)
         yield b
@@ -119,5 +139,5 @@ class Visit:
         self.page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
         self.page.on("pageerror", lambda e: self.console_errors.append(str(e)))
         self.page.on("requestfailed", lambda r: self.failed.append(r.url))
-        self.response = self.page.goto(url, wait_until="networkidle")
+        self.response = self.page.goto(url, wait_until="networkidle", timeout=60000)
     def close(self): self.page.close()

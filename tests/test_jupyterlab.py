@@ -47,12 +47,21 @@ def lab(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)               # by pid (its process group: the server and its kernels)
         try: proc.wait(timeout=20)
-        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait(timeout=20)
         log.close()
         ARTIFACTS.mkdir(parents=True, exist_ok=True); shutil.copy(tmp_path / "lab.log", ARTIFACTS / "jupyterlab-server.log")
 
 
 RUN_ALL = "() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return true; }"   # not awaited: returns at once
+# the notebook's kernel status, from JupyterLab's own session (busy while cells run, idle after the last)
+KERNEL_IS = ("() => {{ const w = window.jupyterapp.shell.currentWidget; "
+             "const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel; "
+             "return !!k && k.status === '{}'; }}")
+ALL_RAN = ("() => { const w = window.jupyterapp.shell.currentWidget; const k = w.sessionContext.session.kernel; "
+           "const cells = w.content.model.cells; let ran = true; "
+           "for (let i = 0; i < cells.length; i++) { const c = cells.get(i); "
+           "if (c.type === 'code' && c.sharedModel.getSource().trim() && c.executionCount === null) ran = false; } "
+           "return k.status === 'idle' && ran; }")
 
 
 @pytest.mark.timeout(420)
@@ -64,13 +73,13 @@ def test_run_all_then_change_a_control_in_jupyterlab(lab, browser):
         page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60000)
         page.wait_for_function("() => window.jupyterapp && window.jupyterapp.commands.isEnabled('notebook:run-all-cells')", timeout=60000)
         page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], .jp-DebuggerBugButton", timeout=60000)
-        started = "() => [...document.querySelectorAll('.jp-InputArea-prompt')].some(e => /\\[(\\*|\\d+)\\]/.test(e.innerText))"
-        for attempt in range(2):                          # Run > Run All Cells; triggered again once if no cell starts
+        for attempt in range(2):                          # Run > Run All Cells; triggered again once if the kernel stays idle
             page.evaluate(RUN_ALL)
             try:
-                page.wait_for_function(started, timeout=30000); break
+                page.wait_for_function(KERNEL_IS.format("busy"), timeout=30000); break
             except Exception:
-                if attempt: raise AssertionError("run-all-cells was triggered twice and no cell started")
+                if attempt: raise AssertionError("run-all-cells was triggered twice and the kernel never went busy")
+        page.wait_for_function(ALL_RAN, timeout=240000)   # idle, every code cell with an execution count
         dropdown = page.locator(".jp-OutputArea .widget-dropdown select").first
         dropdown.wait_for(state="visible", timeout=180000)
         out = page.locator(".jp-OutputArea .widget-vbox .widget-output").first
@@ -81,7 +90,7 @@ def test_run_all_then_change_a_control_in_jupyterlab(lab, browser):
             raise AssertionError(f"the widget's output never showed the pruned model; it shows: {out.text_content()[:800]!r}") from e
         before = out.text_content()
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        dropdown.scroll_into_view_if_needed(); page.screenshot(path=str(ARTIFACTS / "jupyterlab-widget.png"))
+        dropdown.scroll_into_view_if_needed(); page.screenshot(path=str(ARTIFACTS / "jupyterlab-widget.png"), timeout=30000)
         dropdown.select_option("layer")                   # the scope control: the kernel prunes again
         page.wait_for_function("([el, b]) => el.textContent.includes('pruned') && el.textContent !== b", arg=[out.element_handle(), before], timeout=60000)
         assert out.text_content() != before

@@ -20,7 +20,7 @@ CLI = str(Path(sys.executable).parent / "dlopt-labs")
 
 def _offline(cmd):
     """The command inside a new network namespace with only loopback up, when this machine allows it (root)."""
-    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=30)
     if probe.returncode: return cmd, False
     return ["unshare", "-n", "sh", "-c", 'ip link set lo up 2>/dev/null; exec "$@"', "offline", *cmd], True
 
@@ -167,7 +167,7 @@ def test_screenshots_of_home_and_a_chapter(server, browser):
     for rel, name in (("index.html", "site-home.png"), (_chapter_pages()[15], "site-chapter15.png")):
         v = Visit(browser, f"{server}/{rel}")
         v.page.wait_for_timeout(500)
-        v.page.screenshot(path=str(ARTIFACTS / name), full_page=False)
+        v.page.screenshot(path=str(ARTIFACTS / name), full_page=False, timeout=30000)
         v.close()
         assert (ARTIFACTS / name).stat().st_size > 10_000
     print(f"screenshots: {ARTIFACTS / 'site-home.png'}, {ARTIFACTS / 'site-chapter15.png'}")

@@ -33,7 +33,7 @@ def _diff(a: Path, b: Path):
 def _changes_made_by(tool, tree, tmp_path):
     """Run an nbdev tool on a copy of the repository; list what it changed in `tree`."""
     _copy(tmp_path)
-    r = subprocess.run([str(BIN / tool)], cwd=tmp_path, capture_output=True, text=True)
+    r = subprocess.run([str(BIN / tool)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return _diff(ROOT / tree, tmp_path / tree)
 
@@ -75,7 +75,7 @@ def test_quarto_yml_is_generated_from_the_catalog():
 
 def test_the_project_refers_to_no_file_outside_it():
     """Nothing a user of the repository gets points at the team's own planning documents, which they do not have."""
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout.split()
     bad = []
     for name in tracked:
         if name.endswith((".txt", ".lock", ".png", ".json")) and not name.endswith(".ipynb"): continue

@@ -19,7 +19,7 @@ CHAPTERS = sorted(conftest.selected_chapters())
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("b") / "student"
-    r = subprocess.run([CLI, "student", str(out), *map(str, CHAPTERS)], capture_output=True, text=True)
+    r = subprocess.run([CLI, "student", str(out), *map(str, CHAPTERS)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return out
 
@@ -62,9 +62,9 @@ def test_nothing_of_a_solution_survives(bundle, n):
 
 def test_bundle_has_data_and_readme_and_refuses_to_overwrite(bundle, tmp_path):
     assert (bundle / "datasets" / "manifest.json").exists() and (bundle / "README.md").read_text().count(".ipynb") == len(CHAPTERS)
-    r = subprocess.run([CLI, "student", str(bundle)], capture_output=True, text=True)
+    r = subprocess.run([CLI, "student", str(bundle)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "is not empty" in r.stderr
-    r = subprocess.run([CLI, "student", str(tmp_path / "x"), "99"], capture_output=True, text=True)
+    r = subprocess.run([CLI, "student", str(tmp_path / "x"), "99"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "there is no chapter 99" in r.stderr and not (tmp_path / "x").exists()
 
 
@@ -98,7 +98,7 @@ def test_student_bundle_runs_end_to_end_and_reports_not_done(student_runs, n):
 
 def test_syllabus_from_metadata_and_records(notebook_runs, tmp_path):
     out = tmp_path / "syllabus.md"
-    r = subprocess.run([CLI, "syllabus", "--out", str(out), "--records", str(notebook_runs["out"])], capture_output=True, text=True)
+    r = subprocess.run([CLI, "syllabus", "--out", str(out), "--records", str(notebook_runs["out"])], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     text = out.read_text()
     assert text.count("### ") == 30 and text.count("— planned") == 30 - len(written_chapters())

@@ -53,6 +53,40 @@ def parse_params(pairs: list[str], # "NAME=VALUE" strings
 # %% ../../nbs/course/01_runner.ipynb #70b0ff28
 _KERNEL_ENV = dict(DLOPT_PROGRESS="0")      # every kernel the tools start: no progress bars in executed notebooks
 
+def _polling_client():
+    "An async kernel client whose channels never sleep through a message (see `get_msg`)."
+    import zmq
+    from jupyter_client.asynchronous.client import AsyncKernelClient
+    from jupyter_client.channels import AsyncZMQSocketChannel
+    from queue import Empty
+    class PollingChannel(AsyncZMQSocketChannel):
+        async def get_msg(self, timeout: float | None = None):
+            """Wait for a message in slices of at most a second, each ending with a look at the socket's `ZMQ_EVENTS`.
+            A ZeroMQ socket wakes its asyncio poller through an edge-triggered file descriptor; when the edge is
+            consumed elsewhere (a send on the same socket), the poller sleeps through a message that is already there,
+            and a notebook run stalls until its cell time limit (seen as a rare stall of whole chapter runs). Reading
+            `ZMQ_EVENTS` re-checks the socket, so such a message is taken within a second."""
+            import time
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if await self.socket.poll(int(1000 * (1.0 if left is None else min(1.0, left)))):
+                    return await self._recv()
+                if self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:   # there all along: the poll slept through it
+                    _note_lost_wakeup(self.socket)
+                    return await self._recv()
+                if left is not None and left <= 1.0: raise Empty
+    class PollingKernelClient(AsyncKernelClient):
+        shell_channel_class = PollingChannel
+        iopub_channel_class = PollingChannel
+        control_channel_class = PollingChannel
+    return PollingKernelClient
+
+def _note_lost_wakeup(socket) -> None:
+    "Count a message the poller slept through, in the file named by `DLOPT_WAKEUP_LOG` (the stress script reads it)."
+    if os.environ.get("DLOPT_WAKEUP_LOG"):
+        with open(os.environ["DLOPT_WAKEUP_LOG"], "a") as f: f.write(f"{time.time():.3f} lost wake-up recovered\n")
+
 def ipc_kernel_manager(env: dict | None = None): # variables added to the kernel's environment
     "A jupyter_client kernel manager class: IPC transport in a private folder, `env` added to the kernel's environment."
     import tempfile, uuid
@@ -62,6 +96,8 @@ def ipc_kernel_manager(env: dict | None = None): # variables added to the kernel
     class IPCKernelManager(AsyncKernelManager):
         @default("transport")
         def _transport_default(self): return "ipc"
+        @default("client_factory")
+        def _client_factory_default(self): return _polling_client()
         @default("ip")
         def _ip_default(self):
             d = Path(tempfile.gettempdir()) / "dlopt-kernels"; d.mkdir(mode=0o700, exist_ok=True)

@@ -164,6 +164,10 @@ def sandboxed_kernel_manager(work: Path, # the submission's folder, from make_wo
         def _transport_default(self): return "ipc"
         @default("ip")
         def _ip_default(self): return str(work / "sock" / "kernel")
+        @default("client_factory")
+        def _client_factory_default(self):
+            from dlopt_labs.course.runner import _polling_client
+            return _polling_client()
         def __init__(self, **kw):
             super().__init__(**kw)
             self.connection_file = str(work / "kernel.json")
