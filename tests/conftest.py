@@ -9,7 +9,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = int(os.environ.get("DLOPT_TEST_WORKERS", "2"))
 CELL_TIMEOUT = 120          # a foundation or tooling notebook's cell stuck this long fails it instead of stalling the suite
-RETRIES = 0                 # no rerun of a chapter whose cell timed out: the kernel stall it papered over was ipykernel 7's (pinned <7)
+# a chapter run whose cell hit its limit is run once more, and the run says so (RunResult.attempts, in the summary below):
+# the rare stall (papermill's client and the kernel both idle after a cell with a widget ran) lies outside the project
+# (nbclient#312); the course's kernel client polls in one-second slices against it (runner._polling_client)
+RETRIES = 1
 
 
 def cell_limit(n):
@@ -102,8 +105,9 @@ def pytest_terminal_summary(terminalreporter):
     if not _TIMES: return
     tr = terminalreporter
     tr.section("chapter smoke runs (wall seconds, kernel start included, run two at a time)")
-    for n, (title, secs, budget) in sorted(_TIMES.items()):
-        tr.write_line(f"  ch{n:02d} {title:<32} {secs:6.1f} s   budget {budget} s")
+    for n, (title, secs, budget, attempts) in sorted(_TIMES.items()):
+        again = f"   RETRIED: {attempts} attempts (a cell hit its limit)" if attempts > 1 else ""
+        tr.write_line(f"  ch{n:02d} {title:<32} {secs:6.1f} s   budget {budget} s{again}")
 
 
 # browser ------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ def test_some_chapters_are_written():
 @pytest.mark.parametrize("n", sorted(CHAPTERS))
 def test_chapter_runs_in_smoke_mode(notebook_runs, n):
     r = notebook_runs["chapters"][n]
-    conftest._TIMES[n] = (r.title, r.seconds, CHAPTERS[n].budget_s.get("smoke"))
+    conftest._TIMES[n] = (r.title, r.seconds, CHAPTERS[n].budget_s.get("smoke"), r.attempts)
     assert r.ok, f"chapter {n} failed: {r.error} (executed notebook: {r.notebook})"
     nb = nbformat.read(r.notebook, as_version=4)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]

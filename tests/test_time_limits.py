@@ -57,7 +57,7 @@ def test_chapter_runs_are_limited_by_their_budgets():
     from dlopt_labs.course.chapters import written_chapters
     for n, ch in written_chapters().items():
         assert conftest.cell_limit(n) == 5 * ch.budget_s["smoke"]
-    assert conftest.RETRIES == 0, "no retry: the kernel stall's cause was removed (see runner notes)"
+    assert conftest.RETRIES <= 1, "at most one rerun, reported as the run's attempts"
     assert conftest.session_limit() >= sum(conftest.cell_limit(n) for n in written_chapters()) / conftest.WORKERS
 
 
