@@ -27,10 +27,12 @@ def lab(tmp_path):
     nb = nbformat.read(ROOT / "nbs" / "efficient" / "15_prune.ipynb", as_version=4)
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     params.source = params.source.replace('MODE = "full"', 'MODE = "smoke"', 1)
+    nb.metadata["kernelspec"] = dict(name="python3", display_name="Python 3 (ipykernel)", language="python")
     nbformat.write(nb, tmp_path / "15_prune.ipynb")
     port = _free_port()
     log = open(tmp_path / "lab.log", "w")
-    env = dict(os.environ, DLOPT_PROGRESS="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, DLOPT_PROGRESS="1", OMP_NUM_THREADS="1",        # a fresh JupyterLab: no settings or workspace of earlier runs
+               JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "lab-settings"), JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "lab-workspaces"))
     proc = subprocess.Popen([JUPYTER, "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}", "--allow-root",
                              "--IdentityProvider.token=", "--ServerApp.password=", f"--ServerApp.root_dir={tmp_path}",
                              "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
@@ -57,6 +59,12 @@ RUN_ALL = "() => { window.jupyterapp.commands.execute('notebook:run-all-cells');
 KERNEL_IS = ("() => {{ const w = window.jupyterapp.shell.currentWidget; "
              "const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel; "
              "return !!k && k.status === '{}'; }}")
+HAS_KERNEL = ("() => { const w = window.jupyterapp.shell.currentWidget; "
+              "return !!(w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel); }")
+NOT_RUN = ("() => { const w = window.jupyterapp.shell.currentWidget; const cells = w.content.model.cells; const out = []; "
+           "for (let i = 0; i < cells.length; i++) { const c = cells.get(i); "
+           "if (c.type === 'code') out.push([i, c.executionCount, c.sharedModel.getSource().slice(0, 30)]); } "
+           "return {status: w.sessionContext.session.kernel.status, cells: out}; }")
 ALL_RAN = ("() => { const w = window.jupyterapp.shell.currentWidget; const k = w.sessionContext.session.kernel; "
            "const cells = w.content.model.cells; let ran = true; "
            "for (let i = 0; i < cells.length; i++) { const c = cells.get(i); "
@@ -73,13 +81,21 @@ def test_run_all_then_change_a_control_in_jupyterlab(lab, browser):
         page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60000)
         page.wait_for_function("() => window.jupyterapp && window.jupyterapp.commands.isEnabled('notebook:run-all-cells')", timeout=60000)
         page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], .jp-DebuggerBugButton", timeout=60000)
+        # JupyterLab asks which kernel to start when the notebook opens before its kernel list has loaded: accept
+        # the default (Python 3), then wait for the kernel itself
+        page.wait_for_function(f"() => ({HAS_KERNEL})() || !!document.querySelector('.jp-Dialog')", timeout=60000)
+        accept = page.locator(".jp-Dialog .jp-Dialog-button.jp-mod-accept")
+        if accept.count(): accept.first.click(timeout=10000)
+        page.wait_for_function(HAS_KERNEL, timeout=60000)
         for attempt in range(2):                          # Run > Run All Cells; triggered again once if the kernel stays idle
             page.evaluate(RUN_ALL)
             try:
                 page.wait_for_function(KERNEL_IS.format("busy"), timeout=30000); break
             except Exception:
                 if attempt: raise AssertionError("run-all-cells was triggered twice and the kernel never went busy")
-        page.wait_for_function(ALL_RAN, timeout=240000)   # idle, every code cell with an execution count
+        try: page.wait_for_function(ALL_RAN, timeout=240000)   # idle, every code cell with an execution count
+        except Exception as e:
+            raise AssertionError(f"not every cell ran: {page.evaluate(NOT_RUN)}") from e
         dropdown = page.locator(".jp-OutputArea .widget-dropdown select").first
         dropdown.wait_for(state="visible", timeout=180000)
         out = page.locator(".jp-OutputArea .widget-vbox .widget-output").first
