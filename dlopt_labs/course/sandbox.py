@@ -102,7 +102,12 @@ def sandbox_command(cmd: list[str], # the command to run inside (a kernel's)
             for d in dirs: args += ["--perms", "0755", "--dir", str(d)]     # the way down, enterable by the sandbox's user
             for p in tops: args += ["--ro-bind", str(p), str(p)]
     # /tmp first: the folder itself may lie under /tmp
-    args += ["--bind", str(work / "tmp"), "/tmp", "--bind", str(work), str(work), "--bind", str(work / "shm"), "/dev/shm",
+    args += ["--bind", str(work / "tmp"), "/tmp", "--bind", str(work / "shm"), "/dev/shm"]
+    # what the kernel needs and those two binds hid (a course checked out under /tmp), shown again read-only
+    hidden = [p for p in _needed() if Path("/tmp") in p.parents or Path("/dev/shm") in p.parents]
+    for p in hidden:
+        if not any(q in p.parents for q in hidden): args += ["--ro-bind", str(p), str(p)]
+    args += ["--bind", str(work), str(work),
              "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
              "--die-with-parent", "--new-session", "--chdir", str(work), "--",
              sys.executable, "-m", "dlopt_labs.course.sandbox"]
