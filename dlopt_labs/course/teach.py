@@ -297,7 +297,7 @@ class _Sandboxed:
         if which: return f"could not run: {self.limits.describe(which)}"
         return f"could not run: the kernel died ({type(e).__name__}" + (f", exit status {status})" if status is not None else ")")
 
-def _trusted_checks(sbx: _Sandboxed, chapter: int, exs: list, answers: dict, tampered: dict, cell_timeout: int) -> list[tuple]:
+def _trusted_checks(sbx: _Sandboxed, chapter: int, exs: list, tampered: dict) -> list[tuple]:
     "Run the course's checks and hidden tests here, on proxies of the learner's functions: (exercise, status, message)."
     import contextlib, io
     mod = importlib.import_module(resolve(chapter).module)
@@ -380,7 +380,7 @@ def grade_one(path: str | Path, # the submitted notebook
             with client.setup_kernel():
                 dog.start(client.km.provisioner.process.pid)
                 timed_out = {i for i in range(n_own) if sbx.run(built.cells[i], i, limit(built.cells[i])) >= limit(built.cells[i])}
-                results = _trusted_checks(sbx, ch, exs, answers, tampered, cell_timeout)
+                results = _trusted_checks(sbx, ch, exs, tampered)
         except _Abort as a: return fail(a.reason, ch)
         except Exception as e: return fail(sbx._gone(e), ch)          # the kernel did not start, or died starting
         finally: dog.cancel()
