@@ -166,3 +166,25 @@ def test_grader_rows(tmp, tmp_path):
     for path, chapter, message in cases:
         rows = grade_one(path, chapter)
         assert [(r.status, r.points, r.message) for r in rows] == [("could not run", 0, message)], path
+
+
+def test_chapter16_refuses_bad_settings():
+    """Chapter 16's functions that take a learner's settings: one line naming the problem and the fix."""
+    from dlopt_labs.speed import optim as O
+    from dlopt_labs.data import load, split, loaders
+    import torch
+    dls = loaders(split(load("digits"), seed=0), batch_size=32)
+    model = torch.nn.Linear(64, 10)
+    assert _raises(O.make_optim, "adagrad", model.parameters(), 0.1) == (
+        "ValueError", "unknown optimizer 'adagrad'; choose one of ['sgd', 'momentum', 'rmsprop', 'adam', 'adamw']")
+    assert _raises(O.make_optim, "adam", model.parameters(), -1e-3) == ("ValueError", "lr must be a positive number, got -0.001")
+    assert _raises(O.train_to_target, model, dls["train"], dls["val"], target=95) == (
+        "ValueError", "target is a validation accuracy in (0, 1], got 95")
+    assert _raises(O.train_to_target, model, dls["train"], dls["val"], schedule="linear") == (
+        "ValueError", "unknown schedule 'linear'; choose one of ['constant', 'step', 'cosine', 'onecycle']")
+    assert _raises(O.lr_range_test, model, dls["train"], start=1.0, end=1e-3) == (
+        "ValueError", "the range needs 0 < start < end, got start=1.0, end=0.001")
+    assert _raises(O.one_cycle, 100, 0.1, pct_start=30) == (
+        "ValueError", "one_cycle needs total_steps >= 2 and 0 < pct_start < 1, got 100, 30")
+    assert _raises(O.suggest_lr, O.lr_range_test(model, dls["train"], steps=20), rule="valley") == (
+        "ValueError", "rule must be 'min/10' or 'steepest', got 'valley'")

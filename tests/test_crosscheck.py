@@ -3,6 +3,7 @@ import copy
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -224,3 +225,92 @@ def test_make_step_refuses_fp16_on_cpu_as_fit_does():
     with pytest.raises(ValueError, match="fp16 autocast needs CUDA; use amp='bf16' on CPU"): T.make_step(net, opt, "fp16")
     loss = T.make_step(net, opt, "bf16")(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))
     assert torch.isfinite(loss)
+
+
+# chapter 16: torch.optim and torch.optim.lr_scheduler.OneCycleLR --------------------------------------------------
+
+from dlopt_labs.speed import optim as O
+
+_TORCH_OPTIMIZERS = {
+    "sgd": lambda ps, lr: torch.optim.SGD(ps, lr=lr),
+    "momentum": lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9),
+    "rmsprop": lambda ps, lr: torch.optim.RMSprop(ps, lr=lr, alpha=0.99),
+    "adam": lambda ps, lr: torch.optim.Adam(ps, lr=lr),
+    "adamw": lambda ps, lr: torch.optim.AdamW(ps, lr=lr, weight_decay=0.01),
+}
+
+
+@pytest.mark.parametrize("name", list(O.OPTIMIZERS))
+def test_optimizers_follow_torch_optim_step_by_step(name):
+    """Tolerance: 1e-6 relative in float64 after 40 steps, on a convolutional model the chapter does not train."""
+    torch.manual_seed(5)
+    ours = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double()
+    theirs = copy.deepcopy(ours)
+    lr = {"sgd": 0.05, "momentum": 0.02, "rmsprop": 1e-3, "adam": 3e-3, "adamw": 3e-3}[name]
+    opt_ours, opt_theirs = O.make_optim(name, ours.parameters(), lr), _TORCH_OPTIMIZERS[name](theirs.parameters(), lr)
+    assert set(O.OPTIMIZERS) == set(_TORCH_OPTIMIZERS)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        x, y = torch.randn(16, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(3, (16,), generator=g)
+        for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("total, max_lr, pct", [(97, 0.3, 0.3), (10, 2e-3, 0.25), (1000, 1.0, 0.45)])
+def test_one_cycle_equals_torch_one_cycle_lr_at_every_step(total, max_lr, pct):
+    """Exact: the learning rate and the momentum at every step equal OneCycleLR's (SGD's momentum, Adam's beta1)."""
+    for make in (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), lambda ps: torch.optim.Adam(ps, lr=0.1)):
+        opt = make([torch.zeros(1, requires_grad=True)])
+        ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total, pct_start=pct)
+        ours = O.one_cycle(total, max_lr, pct_start=pct)
+        for step in range(total):
+            group = opt.param_groups[0]
+            momentum = group["betas"][0] if "betas" in group else group["momentum"]
+            assert ours(step) == (group["lr"], momentum), step
+            opt.step(); ref.step()
+
+
+def test_one_cycle_applied_by_set_hparams_equals_torch_on_a_training_run():
+    """Exact: our optimizer under our OneCycle follows torch's SGD under OneCycleLR (float64, 30 steps)."""
+    torch.manual_seed(2)
+    a = nn.Linear(5, 2).double(); b = copy.deepcopy(a)
+    oa = O.make_optim("momentum", a.parameters(), 0.1); ob = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    sched_a = O.one_cycle(30, 0.5); sched_b = torch.optim.lr_scheduler.OneCycleLR(ob, max_lr=0.5, total_steps=30)
+    O.set_hparams(oa, *sched_a(0))
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(2, (8,))
+    for step in range(30):
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad(); F.cross_entropy(m(x), y).backward(); o.step()
+        O.set_hparams(oa, *sched_a(step + 1)); sched_b.step()
+    torch.testing.assert_close(a.weight, b.weight, rtol=1e-9, atol=1e-12)
+
+
+def _grid_best_and_pick(make_model, data, images, target, epochs):
+    from dlopt_labs.data import loaders
+    dls = loaders(data, batch_size=32, seed=0, images=images)
+    grid = [10.0 ** e for e in np.arange(-2.5, 0.01, 0.5)]
+    # the grid's best by the median steps over three seeds: one seed's best is itself noisy
+    tables = [O.tune_lr(make_model, dls, "momentum", grid, seed=s, target=target, max_epochs=epochs, device="cpu")
+              for s in range(3)]
+    best = O.best_lr(pd.concat(tables))
+    picks = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        picks.append(O.suggest_lr(O.lr_range_test(make_model(), dls["train"], "momentum", steps=100, seed=seed)))
+    return best, float(np.exp(np.mean(np.log(picks))))
+
+
+@pytest.mark.parametrize("model", ["mlp-digits", "cnn-shapes"])
+def test_range_test_pick_lands_within_3x_of_the_grid_best(model):
+    """The LR range test (min/10, geometric mean of 3 seeds) against the best learning rate of a grid sweep
+    (steps to a validation target, momentum SGD), on two models: within a factor of 3."""
+    from dlopt_labs.data import load, split
+    torch.set_num_threads(1)
+    if model == "mlp-digits":
+        best, pick = _grid_best_and_pick(lambda: MLP(64, 10, hidden=(128,)), split(load("digits"), seed=0), False, 0.95, 10)
+    else:
+        best, pick = _grid_best_and_pick(lambda: SmallCNN(1, 4), split(load("shapes", n=1000, size=16, seed=0), seed=0),
+                                         True, 0.9, 6)
+    assert 1 / 3 <= pick / best <= 3, f"range test picked {pick:.3g}, the grid's best is {best:.3g}"

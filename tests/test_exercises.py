@@ -172,3 +172,61 @@ def test_ch29_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
     identity = lambda conf_val, correct_val, conf_new, n_bins: conf_new      # no calibration at all
     for wrong in (empty_bins_zero, open_last_bin, identity):
         assert status(C.check_histogram_binning, wrong) == "failed", getattr(wrong, "__name__", wrong)
+
+
+# chapter 16, exercise 1: Nesterov momentum ----------------------------------------------------------------------------
+
+from dlopt_labs.speed import optim as O
+
+
+def _nesterov_lookahead(w, g, v, lr, momentum):         # the "look-ahead" form: the same step, written another way
+    v_new = momentum * v + g
+    return w - lr * g - lr * momentum * v_new, v_new
+
+
+def test_ch16_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    assert status(O.check_nesterov_step, _nesterov_lookahead) == "passed"
+    plain = lambda w, g, v, lr, m: (w - lr * (m * v + g), m * v + g)            # plain momentum
+    old_velocity = lambda w, g, v, lr, m: (w - lr * (g + m * v), m * v + g)     # looks ahead with the old velocity
+    dampened = lambda w, g, v, lr, m: (w - lr * ((1 - m) * g + m * (m * v + (1 - m) * g)), m * v + (1 - m) * g)
+    for wrong in (plain, old_velocity, dampened):
+        assert status(O.check_nesterov_step, wrong) == "failed"
+
+    def chapter_optim(w, g, v, lr, m):                   # the chapter's own momentum SGD as an answer
+        p = w.clone().requires_grad_(True); opt = O.Optim([p], "sgd", lr=lr, momentum=m)
+        opt.state[p]["velocity"] = v.clone(); p.grad = g.clone(); opt.step()
+        return p.detach(), opt.state[p]["velocity"]
+    assert status(O.check_nesterov_step, chapter_optim) == "failed"
+
+
+# chapter 16, exercise 2: AMSGrad ---------------------------------------------------------------------------------------
+
+def _amsgrad_unbiased_first(w, g, state, lr, betas, eps):   # bias corrections folded into one step size
+    b1, b2 = betas; t = state["t"] + 1
+    m = state["mean"] + (1 - b1) * (g - state["mean"])
+    s = state["mean_sq"] + (1 - b2) * (g * g - state["mean_sq"])
+    s_max = torch.where(s > state["max_mean_sq"], s, state["max_mean_sq"])
+    step = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+    return w - step * m / (s_max.sqrt() + eps * math.sqrt(1 - b2 ** t)), dict(mean=m, mean_sq=s, max_mean_sq=s_max, t=t)
+
+
+def _adam_as_answer(w, g, state, lr, betas, eps):           # the chapter's Adam: no maximum kept
+    p = w.clone().requires_grad_(True); opt = O.Optim([p], "adam", lr=lr, betas=betas, eps=eps)
+    opt.state[p].update(t=state["t"], mean=state["mean"].clone(), mean_sq=state["mean_sq"].clone())
+    p.grad = g.clone(); opt.step(); st = opt.state[p]
+    return p.detach(), dict(mean=st["mean"], mean_sq=st["mean_sq"], max_mean_sq=torch.maximum(state["max_mean_sq"], st["mean_sq"]), t=st["t"])
+
+
+def _max_of_corrected(w, g, state, lr, betas, eps):          # keeps the maximum of the bias-corrected moment instead
+    b1, b2 = betas; t = state["t"] + 1
+    m = b1 * state["mean"] + (1 - b1) * g; s = b2 * state["mean_sq"] + (1 - b2) * g * g
+    s_hat = torch.maximum(state["max_mean_sq"], s / (1 - b2 ** t))
+    return w - lr / (1 - b1 ** t) * m / (s_hat.sqrt() + eps), dict(mean=m, mean_sq=s, max_mean_sq=s_hat, t=t)
+
+
+def test_ch16_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    assert status(O.check_amsgrad_step, _amsgrad_unbiased_first) == "passed"
+    for wrong in (_adam_as_answer, _max_of_corrected):
+        assert status(O.check_amsgrad_step, wrong) == "failed", wrong.__name__
+    no_count = lambda w, g, st, lr, b, e: (_amsgrad_unbiased_first(w, g, st, lr, b, e)[0], {**_amsgrad_unbiased_first(w, g, st, lr, b, e)[1], "t": st["t"]})
+    assert status(O.check_amsgrad_step, no_count) == "failed"
