@@ -177,14 +177,25 @@ def test_chapter16_refuses_bad_settings():
     model = torch.nn.Linear(64, 10)
     assert _raises(O.make_optim, "adagrad", model.parameters(), 0.1) == (
         "ValueError", "unknown optimizer 'adagrad'; choose one of ['sgd', 'momentum', 'rmsprop', 'adam', 'adamw']")
-    assert _raises(O.make_optim, "adam", model.parameters(), -1e-3) == ("ValueError", "lr must be a positive number, got -0.001")
+    assert _raises(O.make_optim, "adam", model.parameters(), -1e-3) == (
+        "ValueError", "lr must be a positive finite number, got -0.001")
+    assert _raises(O.Optim, model.parameters(), "adam", betas=(0.9, 1.0)) == (
+        "ValueError", "each of betas must be a number in [0, 1), got 1.0")
+    assert _raises(O.Optim, model.parameters(), "sgd", betas=(0.9, 0.99)) == (
+        "ValueError", "rule 'sgd' takes ['momentum'], not ['betas']")
     assert _raises(O.train_to_target, model, dls["train"], dls["val"], target=95) == (
         "ValueError", "target is a validation accuracy in (0, 1], got 95")
     assert _raises(O.train_to_target, model, dls["train"], dls["val"], schedule="linear") == (
         "ValueError", "unknown schedule 'linear'; choose one of ['constant', 'step', 'cosine', 'onecycle']")
     assert _raises(O.lr_range_test, model, dls["train"], start=1.0, end=1e-3) == (
         "ValueError", "the range needs 0 < start < end, got start=1.0, end=0.001")
-    assert _raises(O.one_cycle, 100, 0.1, pct_start=30) == (
-        "ValueError", "one_cycle needs total_steps >= 2 and 0 < pct_start < 1, got 100, 30")
+    assert _raises(O.one_cycle, 10, 0.1, pct_start=0.1) == (
+        "ValueError", "pct_start=0.1 of 10 steps leaves a phase under 2 steps; "
+        "give pct_start in (0, 1) with 1 < pct_start * total_steps < total_steps - 1")
+    assert _raises(O.cosine, 0, 0.1) == ("ValueError", "total_steps must be a whole number >= 1, got 0")
+    assert _raises(O.lr_range_test, model, dls["train"], smooth=1.0) == (
+        "ValueError", "smooth is a moving average's decay and must be in [0, 1), got 1.0")
+    assert _raises(O.train_to_target, model, dls["train"], dls["val"], max_epochs=2.5) == (
+        "ValueError", "max_epochs must be a whole number >= 1, got 2.5")
     assert _raises(O.suggest_lr, O.lr_range_test(model, dls["train"], steps=20), rule="valley") == (
         "ValueError", "rule must be 'min/10' or 'steepest', got 'valley'")

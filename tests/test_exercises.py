@@ -230,3 +230,23 @@ def test_ch16_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
         assert status(O.check_amsgrad_step, wrong) == "failed", wrong.__name__
     no_count = lambda w, g, st, lr, b, e: (_amsgrad_unbiased_first(w, g, st, lr, b, e)[0], {**_amsgrad_unbiased_first(w, g, st, lr, b, e)[1], "t": st["t"]})
     assert status(O.check_amsgrad_step, no_count) == "failed"
+
+
+def test_ch16_exercises_are_not_passed_by_wrapping_torch_optim():
+    """The per-coordinate learning rates of one case are beyond torch.optim: wrapping the reference is no answer."""
+    def nesterov_by_torch(w, g, v, lr, m):
+        p = w.clone().requires_grad_(True); opt = torch.optim.SGD([p], lr=lr, momentum=m, nesterov=True)
+        if v.abs().sum() > 0: opt.state[p]["momentum_buffer"] = v.clone()
+        p.grad = g.clone(); opt.step()
+        return p.detach(), opt.state[p]["momentum_buffer"]
+
+    def amsgrad_by_torch(w, g, st, lr, betas, eps):
+        p = w.clone().requires_grad_(True); opt = torch.optim.Adam([p], lr=lr, betas=betas, eps=eps, amsgrad=True)
+        if st["t"]:
+            opt.state[p].update(step=torch.tensor(float(st["t"])), exp_avg=st["mean"].clone(),
+                                exp_avg_sq=st["mean_sq"].clone(), max_exp_avg_sq=st["max_mean_sq"].clone())
+        p.grad = g.clone(); opt.step(); s = opt.state[p]
+        return p.detach(), dict(mean=s["exp_avg"], mean_sq=s["exp_avg_sq"], max_mean_sq=s["max_exp_avg_sq"], t=int(s["step"]))
+
+    assert status(O.check_nesterov_step, nesterov_by_torch) == "failed"
+    assert status(O.check_amsgrad_step, amsgrad_by_torch) == "failed"

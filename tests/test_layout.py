@@ -127,29 +127,39 @@ def _scratch_clone(tmp_path):
     return root
 
 
+def _unwritten():
+    """The first chapter of the catalog not yet written (the scaffold test writes it in a scratch clone)."""
+    from dlopt_labs.catalog import CATALOG
+    from dlopt_labs.course.chapters import written_chapters
+    done = set(written_chapters())
+    return next(e for e in sorted(CATALOG, key=lambda e: e.number) if e.number not in done and e.claims)
+
+
 def test_new_writes_a_chapter_that_exports_runs_and_reports_its_stubs(tmp_path):
     from test_chapters import check_anatomy
+    entry = _unwritten()
+    n, theme, slug = entry.number, entry.theme, entry.slug
     root = _scratch_clone(tmp_path)
     env = dict(os.environ, DLOPT_ROOT=str(root), PYTHONPATH=str(root))
-    r = subprocess.run([str(BIN / "dlopt-labs"), "new", "16"], env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([str(BIN / "dlopt-labs"), "new", str(n)], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    path = root / "nbs" / "speed" / "16_optim.ipynb"
+    path = root / "nbs" / theme / f"{n:02d}_{slug}.ipynb"
     assert path.exists() and str(path) in r.stdout
     again = subprocess.run([str(BIN / "dlopt-labs"), "new", "15"], env=env, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "chapter 15 (Pruning) is already written" in again.stderr and again.stderr.count("\n") == 1
     ex = subprocess.run([str(BIN / "nbdev_export")], cwd=root, capture_output=True, text=True, timeout=120)
     assert ex.returncode == 0, ex.stderr
-    assert "def try_optim" in (root / "dlopt_labs" / "speed" / "optim.py").read_text()
+    assert f"def try_{slug}" in (root / "dlopt_labs" / theme / f"{slug}.py").read_text()
     ch = read_chapter(path)
     check_anatomy(ch, root)
-    assert "Adam/RMSprop are more efficient" in path.read_text(encoding="utf-8")     # the catalog's planned claim
+    assert entry.claims[0][1] in path.read_text(encoding="utf-8")     # the catalog's planned claim
     from dlopt_labs.course.scaffold import source_section
-    bullets = [b for _, bs in source_section(16)["groups"] for b in bs]
+    bullets = [b for _, bs in source_section(n)["groups"] for b in bs]
     assert len(bullets) >= 6 and all(f"> - {b}" in "".join(json.loads(path.read_text())["cells"][2]["source"]) for b in bullets)
-    run = subprocess.run([str(BIN / "dlopt-labs"), "run", "16", "--mode", "smoke", "--out", str(tmp_path / "out")],
+    run = subprocess.run([str(BIN / "dlopt-labs"), "run", str(n), "--mode", "smoke", "--out", str(tmp_path / "out")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    rec = json.loads((tmp_path / "out" / "ch16-smoke.json").read_text())
+    rec = json.loads((tmp_path / "out" / f"ch{n:02d}-smoke.json").read_text())
     assert [e["status"] for e in rec["exercises"]] == ["not done", "not done"]
     assert {c["verdict"] for c in rec["claims"]} == {"not judged"}
     assert any("not judged yet" in p for p in check_record(rec, ch.claims)), "a scaffold's record is reported incomplete"
