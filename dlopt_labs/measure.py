@@ -163,7 +163,8 @@ def _status_kib(field):
         if line.startswith(field): return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
 
-def _peak_here(fn) -> float:
+def _peak_here(fn, warmup=0) -> float:
+    for _ in range(warmup): fn()   # one-time costs (lazy buffers, the autograd engine's threads) stay out
     try: ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError: pass
     with open("/proc/self/clear_refs", "w") as f: f.write("5")   # reset VmHWM to the current RSS
@@ -173,29 +174,31 @@ def _peak_here(fn) -> float:
     file_end = _status_kib("RssFile") + _status_kib("RssShmem")
     return max(0.0, (_status_kib("VmHWM") - file_end - base) / 1024)
 
-def _child(fn, conn):
+def _child(fn, conn, warmup):
     try:
         torch.set_num_threads(1)    # an OpenMP pool does not survive fork; one thread is safe
-        conn.send(("ok", _peak_here(fn)))
+        conn.send(("ok", _peak_here(fn, warmup)))
     except BaseException as e: conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
     finally: conn.close()
 
 def peak_memory(fn, # the call to measure, with no arguments
                 isolated: bool = True, # CPU: run in a forked process of its own
                 device=None, # "cuda" to read the CUDA allocator's peak instead
+                warmup: int = 0, # unmeasured calls first (in the same process): the steady state's peak
                ) -> float:
     "Peak memory (MiB) that `fn()` adds above where it started."
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
+        for _ in range(warmup): fn()
         torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
         fn(); torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     if not os.path.exists("/proc/self/clear_refs"):
         raise RuntimeError("peak_memory on the CPU needs Linux /proc (clear_refs); on other systems measure on CUDA")
-    if not isolated: return _peak_here(fn)
+    if not isolated: return _peak_here(fn, warmup)
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_child, args=(fn, child)); p.start(); child.close()
+    p = ctx.Process(target=_child, args=(fn, child, warmup)); p.start(); child.close()
     status, value = parent.recv() if parent.poll(600) else ("error", "timed out after 600 s")
     p.join()
     if status != "ok": raise RuntimeError(f"peak_memory: the measured call failed in its process: {value}")

@@ -199,3 +199,20 @@ def test_chapter16_refuses_bad_settings():
         "ValueError", "max_epochs must be a whole number >= 1, got 2.5")
     assert _raises(O.suggest_lr, O.lr_range_test(model, dls["train"], steps=20), rule="valley") == (
         "ValueError", "rule must be 'min/10' or 'steepest', got 'valley'")
+
+
+def test_chapter17_refuses_bad_settings():
+    """Chapter 17's functions that take a learner's settings: one line naming the problem and the fix."""
+    from dlopt_labs.speed import memory as M
+    import torch
+    model = M.deep_mlp(3, 8)
+    x, y = torch.randn(10, 8), torch.randint(10, (10,))
+    assert _raises(M.segments_of, model, 9) == (
+        "ValueError", "n must be between 1 and the 7 layers of the model, got 9")
+    assert _raises(M.accumulated_grads, model, x, y, 3) == (
+        "ValueError", "k must be >= 1 and divide the batch of 10, got k=3")
+    assert _raises(M.fit_memory_line, [16, 16, 32], [1.0, 1.1, 2.0]) == (
+        "ValueError", "give one peak per measured batch, over 3 or more distinct batch sizes; "
+        "got 2 batch sizes and (3,) peaks for (3,)")
+    assert _raises(M.try_memory, model, 8, batch=10, micro_batches=3) == (
+        "ValueError", "micro_batches must divide the batch: 10 % 3 != 0")

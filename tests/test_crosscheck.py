@@ -314,3 +314,62 @@ def test_range_test_pick_lands_within_3x_of_the_grid_best(model):
         best, pick = _grid_best_and_pick(lambda: SmallCNN(1, 4), split(load("shapes", n=1000, size=16, seed=0), seed=0),
                                          True, 0.9, 6)
     assert 1 / 3 <= pick / best <= 3, f"range test picked {pick:.3g}, the grid's best is {best:.3g}"
+
+
+# chapter 17: torch.utils.checkpoint and the large batch's gradient ------------------------------------------------
+
+from dlopt_labs.speed import memory as M
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+
+def test_checkpointed_gradients_equal_torch_checkpoint_and_plain_with_dropout():
+    """Exact: a model with dropout (the random state restored for the recomputation) and BatchNorm-free conv layers;
+    the input's gradient too. Float64, so equality is to the last bit of the same arithmetic."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.GELU(), nn.Dropout(0.3), nn.Conv2d(6, 6, 3, padding=1),
+                          nn.Tanh(), nn.Flatten(), nn.Dropout(0.2), nn.Linear(6 * 8 * 8, 5)).double()
+    x = torch.randn(4, 2, 8, 8, dtype=torch.float64, requires_grad=True); y = torch.randint(5, (4,))
+    grads = {}
+    for name, forward in (("plain", lambda: model(x)),
+                          ("ours", lambda: M.checkpoint_sequential(model, x, 3)),
+                          ("torch", lambda: M.checkpoint_sequential(model, x, 3, use_torch=True))):
+        torch.manual_seed(11)                      # the same dropout masks in every forward pass
+        model.zero_grad(); x.grad = None
+        F.cross_entropy(forward(), y).backward()
+        grads[name] = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+    for a, b, c in zip(grads["plain"], grads["ours"], grads["torch"]):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(c, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [2, 4, 16])
+def test_accumulated_gradient_equals_the_large_batch_gradient(k):
+    """torch.testing.assert_close at its float32 defaults, on a model and data the chapter does not use; without
+    dividing by k, every gradient is k times the large batch's (to 1e-5 relative)."""
+    torch.manual_seed(k)
+    model = nn.Sequential(nn.Linear(12, 20), nn.SiLU(), nn.Linear(20, 4))
+    x, y = torch.randn(64, 12), torch.randint(4, (64,))
+    model.zero_grad(); F.cross_entropy(model(x), y).backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(M.accumulated_grads(model, x, y, k), reference):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(M.accumulated_grads(model, x, y, k, divide=False), reference):
+        torch.testing.assert_close(a, k * b, rtol=1e-5, atol=1e-7)
+
+
+def test_peak_memory_grows_with_the_batch_and_checkpointing_lowers_it():
+    """Directions only (sizes are the machine's): the fitted slope is positive, and checkpointing lowers the saved
+    activations of a deep MLP, each measured in its own process."""
+    torch.manual_seed(0)
+    model = M.deep_mlp(10, 128); x = torch.randn(2048, 128)
+    def forward(n):
+        def run():
+            out = model(x) if n == 0 else M.checkpoint_sequential(model, x, n)
+            return out.sum().detach().item()
+        return run
+    from dlopt_labs.measure import peak_memory
+    plain, ck = (peak_memory(M.exact(forward(n)), warmup=1) for n in (0, 4))
+    assert ck < 0.7 * plain, (plain, ck)
+    batches = [64, 256, 512, 1024]
+    peaks = [peak_memory(M.exact(lambda b=b: model(x[:b]).sum().detach().item()), warmup=1) for b in batches]
+    assert M.fit_memory_line(batches, peaks)["per_sample_lo"] > 0, peaks

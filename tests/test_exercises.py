@@ -250,3 +250,36 @@ def test_ch16_exercises_are_not_passed_by_wrapping_torch_optim():
 
     assert status(O.check_nesterov_step, nesterov_by_torch) == "failed"
     assert status(O.check_amsgrad_step, amsgrad_by_torch) == "failed"
+
+
+# chapter 17, exercise 1: loss weights for unequal micro-batches -------------------------------------------------------
+
+from dlopt_labs.speed import memory as M
+
+
+def test_ch17_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    from fractions import Fraction
+    exact_fractions = lambda sizes: [float(Fraction(s, sum(sizes))) for s in sizes]
+    assert status(M.check_accumulation_weights, exact_fractions) == "passed"
+    one_over_k = lambda sizes: [1 / len(sizes)] * len(sizes)                       # the chapter's equal-size rule
+    by_largest = lambda sizes: [s / max(sizes) for s in sizes]
+    unweighted = lambda sizes: [1.0] * len(sizes)
+    for wrong in (one_over_k, by_largest, unweighted):
+        assert status(M.check_accumulation_weights, wrong) == "failed"
+
+
+# chapter 17, exercise 2: the activation memory of an MLP --------------------------------------------------------------
+
+def test_ch17_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def by_layer(batch, widths, activation, nbytes):           # walks the layers instead of a closed form
+        keeps_output = activation in {"relu", "tanh", "sigmoid"}
+        total = batch * widths[0]
+        for w in widths[1:-1]:
+            total += batch * w * (1 if keeps_output else 2)
+        return total * nbytes
+    assert status(M.check_saved_activation_bytes, by_layer) == "passed"
+    every_layer = lambda b, ws, a, nb: b * sum(ws) * nb                              # the output counted too
+    no_input = lambda b, ws, a, nb: b * sum(ws[1:-1]) * (1 if a in ("relu", "tanh", "sigmoid") else 2) * nb
+    always_twice = lambda b, ws, a, nb: b * (ws[0] + 2 * sum(ws[1:-1])) * nb          # ignores which tensor is saved
+    for wrong in (every_layer, no_input, always_twice):
+        assert status(M.check_saved_activation_bytes, wrong) == "failed"
