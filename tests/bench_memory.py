@@ -41,7 +41,8 @@ def main():
             F.cross_entropy(out, y).backward()
         return run
 
-    memory = {name: (peak_memory(exact(forward(*c)), warmup=1), peak_memory(exact(step(*c)), warmup=1))
+    memory = {name: (peak_memory(exact(forward(*c)), warmup=1, device="cpu"),
+                     peak_memory(exact(step(*c)), warmup=1, device="cpu"))
               for name, c in configs.items()}
     timing = compare_speed({name: step(*c) for name, c in configs.items()}, rounds=7, repeats=1, warmup=1)
     print(f"activation checkpointing: {len(model)} layers, width {width}, batch {batch}, {torch.get_num_threads()} thread(s)")

@@ -210,9 +210,23 @@ def test_chapter17_refuses_bad_settings():
     assert _raises(M.segments_of, model, 9) == (
         "ValueError", "n must be between 1 and the 7 layers of the model, got 9")
     assert _raises(M.accumulated_grads, model, x, y, 3) == (
-        "ValueError", "k must be >= 1 and divide the batch of 10, got k=3")
+        "ValueError", "k must be a whole number >= 1 that divides the batch of 10, got k=3")
     assert _raises(M.fit_memory_line, [16, 16, 32], [1.0, 1.1, 2.0]) == (
         "ValueError", "give one peak per measured batch, over 3 or more distinct batch sizes; "
-        "got 2 batch sizes and (3,) peaks for (3,)")
+        "got 3 peaks for 3 batches of 2 sizes")
+    assert _raises(M.set_allocator, "arena") == ("ValueError", "mode must be 'pool' or 'fresh', got 'arena'")
     assert _raises(M.try_memory, model, 8, batch=10, micro_batches=3) == (
         "ValueError", "micro_batches must divide the batch: 10 % 3 != 0")
+
+
+def test_chapter12_refuses_bad_settings():
+    """Chapter 12's functions that take a learner's settings: one line naming the problem and the fix."""
+    from dlopt_labs.debug import diagnose as D
+    from dlopt_labs.data import load, split
+    data = split(load("digits"), seed=0)
+    assert _raises(D.Script, data, ("typo",)) == (
+        "ValueError", f"unknown bugs ['typo']; choose from {list(D.BUGS)}")
+    assert _raises(D.Script, data, batch_size=1) == (
+        "ValueError", "batch_size must be >= 2 (BatchNorm needs two samples), got 1")
+    assert _raises(D.try_diagnose, data, "none", "lint") == (
+        "ValueError", f"unknown diagnostic 'lint'; choose one of {list(D.DIAGNOSTICS)}")

@@ -368,8 +368,30 @@ def test_peak_memory_grows_with_the_batch_and_checkpointing_lowers_it():
             return out.sum().detach().item()
         return run
     from dlopt_labs.measure import peak_memory
-    plain, ck = (peak_memory(M.exact(forward(n)), warmup=1) for n in (0, 4))
+    plain, ck = (peak_memory(M.exact(forward(n)), warmup=1, device="cpu") for n in (0, 4))
     assert ck < 0.7 * plain, (plain, ck)
     batches = [64, 256, 512, 1024]
-    peaks = [peak_memory(M.exact(lambda b=b: model(x[:b]).sum().detach().item()), warmup=1) for b in batches]
+    peaks = [peak_memory(M.exact(lambda b=b: model(x[:b]).sum().detach().item()), warmup=1, device="cpu")
+             for b in batches]
     assert M.fit_memory_line(batches, peaks)["per_sample_lo"] > 0, peaks
+
+
+def test_checkpointed_under_autocast_and_a_partial_backward():
+    """bf16 autocast: the recomputation re-enters the forward's autocast, so the gradients equal plain autocast's
+    (and torch.utils.checkpoint's) exactly; a backward pass over part of the graph, then a full one, both work."""
+    torch.manual_seed(4)
+    model = M.deep_mlp(4, 16, 3); x = torch.randn(8, 16); y = torch.randint(3, (8,))
+    grads = {}
+    for name, kw in (("plain", None), ("ours", dict()), ("torch", dict(use_torch=True))):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x) if kw is None else M.checkpoint_sequential(model, x, 3, **kw)
+        F.cross_entropy(out.float(), y).backward()
+        grads[name] = [p.grad.clone() for p in model.parameters()]
+    for a, b, c in zip(grads["plain"], grads["ours"], grads["torch"]):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    model.zero_grad()
+    loss = F.cross_entropy(M.checkpoint_sequential(model, x, 3), y)
+    torch.autograd.grad(loss, [model[-1].weight], retain_graph=True)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())

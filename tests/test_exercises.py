@@ -283,3 +283,46 @@ def test_ch17_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
     always_twice = lambda b, ws, a, nb: b * (ws[0] + 2 * sum(ws[1:-1])) * nb          # ignores which tensor is saved
     for wrong in (every_layer, no_input, always_twice):
         assert status(M.check_saved_activation_bytes, wrong) == "failed"
+
+
+# chapter 12, exercise 1: the pairs of samples a batched function couples ---------------------------------------------
+
+from dlopt_labs.debug import diagnose as D
+
+
+def test_ch12_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def by_loops(jac, tol):
+        n = jac.shape[0]
+        return [(i, j) for i in range(n) for j in range(n)
+                if i != j and bool((jac[i, :, j, :].abs() > tol).any())]
+    assert status(D.check_coupled_pairs, by_loops) == "passed"
+    with_diagonal = lambda jac, tol: [(i, j) for i in range(jac.shape[0]) for j in range(jac.shape[0])
+                                      if (jac[i, :, j, :].abs() > tol).any()]
+    transposed = lambda jac, tol: [(j, i) for i, j in by_loops(jac, tol)]
+    signed = lambda jac, tol: [(i, j) for i in range(jac.shape[0]) for j in range(jac.shape[0])
+                               if i != j and (jac[i, :, j, :] > tol).any()]
+    for wrong in (with_diagonal, transposed, signed):
+        assert status(D.check_coupled_pairs, wrong) == "failed"
+
+
+# chapter 12, exercise 2: the expected loss at initialisation ----------------------------------------------------------
+
+def test_ch12_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def by_quadrature(sigma, classes):
+        # E[logsumexp(z) - z_0]: Monte Carlo over the others, Gauss-Hermite over the true logit
+        import numpy as np
+        if sigma == 0: return math.log(classes)
+        nodes, weights = np.polynomial.hermite_e.hermegauss(40)
+        g = torch.Generator().manual_seed(7)
+        others = torch.logsumexp(sigma * torch.randn(20_000, classes - 1, generator=g, dtype=torch.float64), 1)
+        total = 0.0
+        for t, w in zip(nodes, weights):
+            z0 = sigma * t
+            total += w * float((torch.logaddexp(others, torch.tensor(z0, dtype=torch.float64)) - z0).mean())
+        return total / math.sqrt(2 * math.pi)
+    assert status(D.check_expected_init_loss, by_quadrature) == "passed"
+    ln_c = lambda sigma, classes: math.log(classes)                                  # ignores sigma
+    plus_var = lambda sigma, classes: math.log(classes) + sigma ** 2                 # a wrong correction
+    max_gap = lambda sigma, classes: sigma * math.sqrt(2 * math.log(classes))        # only the max's growth
+    for wrong in (ln_c, plus_var, max_gap):
+        assert status(D.check_expected_init_loss, wrong) == "failed"
