@@ -36,7 +36,6 @@ def test_the_expected_matrix_names_every_bug_and_every_diagnostic():
 
 @pytest.mark.parametrize("bug", list(EXPECTED))
 def test_each_diagnostic_fires_exactly_where_expected(data, bug):
-    torch.set_num_threads(1)
     script = D.Script(data, () if bug == "none" else (bug,), seed=0)
     table = D.diagnose(script, overfit_steps=150, epochs=2)
     fired = set(table.diagnostic[table.fired])
@@ -61,3 +60,17 @@ def test_gradcheck_passes_the_right_squareplus_and_matches_autograd():
     ((x + torch.sqrt(x * x + 4)) / 2).sum().backward()
     torch.testing.assert_close(ours, x.grad)
     assert torch.autograd.gradcheck(D.SquarePlus(), (torch.randn(4, 3, dtype=torch.float64, requires_grad=True),))
+
+
+def test_the_network_and_gradcheck_on_their_own(data):
+    """DebugNet's output is (N, classes); gradcheck_layers passes the right layer and fires on the wrong one."""
+    net = D.DebugNet(in_features=64, classes=10, device="cpu")
+    assert net(torch.randn(5, 64)).shape == (5, 10)
+    assert not D.gradcheck_layers(D.Script(data, seed=0))["fired"]
+    assert D.gradcheck_layers(D.Script(data, ("wrong_backward",), seed=0))["fired"]
+
+
+def test_nan_hooks_name_a_module_of_the_network(data):
+    detail = D.nan_hooks(D.Script(data, ("lr_too_high",), seed=0))["detail"]
+    names = {name for name, _ in D.Script(data, seed=0).make_model().named_modules() if name}
+    assert detail.startswith("first non-finite output: ") and detail.split(": ")[1].split(" at step")[0] in names

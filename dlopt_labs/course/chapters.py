@@ -75,6 +75,8 @@ class Chapter:
         if self.extra: out.append(f"front matter has keys the contract does not know: {list(self.extra)} (the catalog holds theme, module, title)")
         if set(self.budget_s) != {"smoke", "full"}: out.append(f"budget_s must give smoke and full, got {self.budget_s}")
         if self.exercises < 2: out.append(f"a chapter has at least two exercises, this one declares {self.exercises}")
+        for i, o in enumerate(self.objectives, 1):
+            if not isinstance(o, str): out.append(f"objective {i} is not plain text ({o!r}): a ': ' inside makes YAML read a mapping; quote it or reword")
         nb = json.loads(self.path.read_text(encoding="utf-8"))
         exports = {m.group(1) for c in nb["cells"] if c["cell_type"] == "code"
                    for m in [re.match(r"#\|\s*default_exp\s+(\S+)", _source(c).strip())] if m}

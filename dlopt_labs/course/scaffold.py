@@ -46,7 +46,7 @@ def skeleton(e: Entry, # the chapter's catalog entry
             ) -> nbformat.NotebookNode:
     "The notebook of a new chapter: every part of the anatomy, with stubs that say what is still to write."
     slug_fn = e.slug.replace("-", "_")
-    fm = "\n".join(["---", f"chapter: {e.number}", "objectives:", "  - TODO: what a learner can do after this chapter",
+    fm = "\n".join(["---", f"chapter: {e.number}", "objectives:", '  - "TODO: what a learner can do after this chapter"',
                     "prerequisites: [foundations/training, foundations/measure]", "budget_s: {smoke: 20, full: 300}",
                     "exercises: 2", "---"])
     md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
