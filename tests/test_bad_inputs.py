@@ -230,3 +230,19 @@ def test_chapter12_refuses_bad_settings():
         "ValueError", "batch_size must be >= 2 (BatchNorm needs two samples), got 1")
     assert _raises(D.try_diagnose, data, "none", "lint") == (
         "ValueError", f"unknown diagnostic 'lint'; choose one of {list(D.DIAGNOSTICS)}")
+
+
+def test_chapter24_refuses_bad_settings():
+    """Chapter 24's functions that take a learner's settings: one line naming the problem and the fix."""
+    from dlopt_labs.debug import repro as R
+    from dlopt_labs.data import load, split
+    import numpy as np
+    import torch
+    data = split(load("digits"), seed=0)
+    assert _raises(R.train_weights, data, -1) == ("ValueError", "seed must be a non-negative integer, got -1")
+    assert _raises(R.max_abs_diff, {"a": torch.zeros(1)}, {"b": torch.zeros(1)}) == (
+        "ValueError", "the state dicts name different tensors: ['a', 'b']")
+    assert _raises(R.seeds_to_detect, 0.01, 0.0) == ("ValueError", "std must be >= 0 and effect > 0, got std=0.01, effect=0.0")
+    X = np.zeros((8, 2), dtype=np.float32)
+    shuffled = torch.utils.data.DataLoader(R.NoisyImages(X, np.zeros(8, dtype=int)), batch_size=4, shuffle=True)
+    assert _raises(R.noise_of, shuffled, X) == ("ValueError", "noise_of needs a loader without shuffling (shuffle=False)")

@@ -326,3 +326,51 @@ def test_ch12_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
     max_gap = lambda sigma, classes: sigma * math.sqrt(2 * math.log(classes))        # only the max's growth
     for wrong in (ln_c, plus_var, max_gap):
         assert status(D.check_expected_init_loss, wrong) == "failed"
+
+
+# chapter 24, exercise 1: where two runs part ----------------------------------------------------------------------------
+
+from dlopt_labs.debug import repro as R
+
+
+def test_ch24_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def by_loops(a, b):
+        for name in sorted(set(a) | set(b)):
+            if name not in a or name not in b or np.shape(a[name]) != np.shape(b[name]):
+                return (name, None)
+            for i, (x, y) in enumerate(zip(np.ravel(a[name]), np.ravel(b[name]))):
+                if not (x == y or (np.isnan(x) and np.isnan(y))):
+                    return (name, i)
+        return None
+    assert status(R.check_first_difference, by_loops) == "passed"
+    insertion_order = lambda a, b: next(((k, int(np.argmax(np.ravel(a[k]) != np.ravel(b[k]))))
+                                         for k in a if k in b and np.shape(a[k]) == np.shape(b[k])
+                                         and not np.array_equal(a[k], b[k], equal_nan=True)), None)
+    nan_unequal = lambda a, b: next(((k, int(np.argmax(np.ravel(a[k]) != np.ravel(b[k]))))
+                                     for k in sorted(a) if k in b and np.shape(a[k]) == np.shape(b[k])
+                                     and not np.array_equal(a[k], b[k])), None)
+    with_tolerance = lambda a, b: by_loops({k: np.round(v, 6) for k, v in a.items()}, {k: np.round(v, 6) for k, v in b.items()})
+    for wrong in (insertion_order, nan_unequal, with_tolerance):
+        assert status(R.check_first_difference, wrong) == "failed"
+
+
+# chapter 24, exercise 2: seeds needed for a t-test ---------------------------------------------------------------------
+
+def test_ch24_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    from scipy import stats
+    def by_bisection(std, effect, alpha, power):           # the power is increasing in n: search, then check
+        def achieved(n):
+            df, crit, nc = 2 * n - 2, stats.t.ppf(1 - alpha / 2, 2 * n - 2), effect / (std * math.sqrt(2 / n))
+            return stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc)
+        lo, hi = 2, 4
+        while achieved(hi) < power: hi *= 2
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if achieved(mid) < power else (lo, mid)
+        return lo
+    assert status(R.check_seeds_for_t_test, by_bisection) == "passed"
+    normal = lambda std, effect, alpha, power: R.seeds_to_detect(std, effect, stats.norm.ppf(1 - alpha / 2), stats.norm.ppf(power))
+    one_sided = lambda std, effect, alpha, power: by_bisection(std, effect, 2 * alpha, power)
+    one_more = lambda std, effect, alpha, power: by_bisection(std, effect, alpha, power) + 1
+    for wrong in (normal, one_sided, one_more):
+        assert status(R.check_seeds_for_t_test, wrong) == "failed"
