@@ -350,7 +350,8 @@ def test_ch24_exercise1_accepts_a_different_correct_solution_and_refuses_likely_
                                      for k in sorted(a) if k in b and np.shape(a[k]) == np.shape(b[k])
                                      and not np.array_equal(a[k], b[k])), None)
     with_tolerance = lambda a, b: by_loops({k: np.round(v, 6) for k, v in a.items()}, {k: np.round(v, 6) for k, v in b.items()})
-    for wrong in (insertion_order, nan_unequal, with_tolerance):
+    first_only = lambda a, b: by_loops(a, {k: v for k, v in b.items() if k in a})          # misses names only in b
+    for wrong in (insertion_order, nan_unequal, with_tolerance, first_only):
         assert status(R.check_first_difference, wrong) == "failed"
 
 
@@ -370,7 +371,8 @@ def test_ch24_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
         return lo
     assert status(R.check_seeds_for_t_test, by_bisection) == "passed"
     normal = lambda std, effect, alpha, power: R.seeds_to_detect(std, effect, stats.norm.ppf(1 - alpha / 2), stats.norm.ppf(power))
+    normal_plus_one = lambda *args: normal(*args) + 1
     one_sided = lambda std, effect, alpha, power: by_bisection(std, effect, 2 * alpha, power)
     one_more = lambda std, effect, alpha, power: by_bisection(std, effect, alpha, power) + 1
-    for wrong in (normal, one_sided, one_more):
+    for wrong in (normal, normal_plus_one, one_sided, one_more):
         assert status(R.check_seeds_for_t_test, wrong) == "failed"

@@ -1,5 +1,6 @@
 """Chapter 24: bit-for-bit repeats, the run record and its diff, the workers' generators."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -49,3 +50,14 @@ def test_a_generator_made_in_init_repeats_across_workers_and_reseeding_fixes_it(
     assert R.repeated_fraction(noise(None)) > 0.9
     first, again = noise(R.reseed_worker), noise(R.reseed_worker)
     assert R.repeated_fraction(first) == 0.0 and np.array_equal(first, again)
+
+
+def test_digest_and_diff_on_awkward_values(tmp_path):
+    """bf16 weights hash; a NaN weight is reported as a difference; a record equals itself on disk and in memory."""
+    bf = {"w": torch.ones(2, 2, dtype=torch.bfloat16)}
+    assert len(R.weights_digest(bf)) == 16
+    nan = {"w": torch.tensor([0.0, float("nan")])}
+    assert math.isnan(R.max_abs_diff(nan, {"w": torch.zeros(2)}))
+    record = dict(config=dict(seed=np.int64(3), sizes=(1, 2)), metrics=dict(acc=float("nan")))
+    path = R.write_run(record, tmp_path / "r.json")
+    assert list(R.diff_runs(record, path).key) == []
