@@ -16,8 +16,8 @@ from .training import evaluate
 
 # %% auto #0
 __all__ = ['TIMING_COLUMNS', 'RATIO_COLUMNS', 'Timing', 'threads', 'time_it', 'Comparison', 'speed_rule', 'compare_speed',
-           'paired_bootstrap', 'peak_memory', 'model_size_bytes', 'count_params', 'count_flops', 'variants',
-           'split_timings']
+           'paired_bootstrap', 'in_own_process', 'peak_memory', 'model_size_bytes', 'count_params', 'count_flops',
+           'variants', 'split_timings']
 
 # %% ../nbs/foundations/04_measure.ipynb #ce6777fc
 @dataclass
@@ -174,12 +174,24 @@ def _peak_here(fn, warmup=0) -> float:
     file_end = _status_kib("RssFile") + _status_kib("RssShmem")
     return max(0.0, (_status_kib("VmHWM") - file_end - base) / 1024)
 
-def _child(fn, conn, warmup):
-    try:
-        torch.set_num_threads(1)    # an OpenMP pool does not survive fork; one thread is safe
-        conn.send(("ok", _peak_here(fn, warmup)))
-    except BaseException as e: conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-    finally: conn.close()
+def in_own_process(fn, # a call with no arguments whose result can be pickled
+                   timeout: float = 600, # seconds before giving up
+                   label: str = "in_own_process: the call", # how an error names the call
+                  ):
+    "Run `fn()` in a forked process (its memory and settings stay there) and return its result."
+    def child(conn):
+        try:
+            torch.set_num_threads(1)    # an OpenMP pool does not survive fork; one thread is safe
+            conn.send(("ok", fn()))
+        except BaseException as e: conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        finally: conn.close()
+    ctx = mp.get_context("fork")
+    parent, end = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=child, args=(end,)); p.start(); end.close()
+    status, value = parent.recv() if parent.poll(timeout) else ("error", f"timed out after {timeout} s")
+    p.join()
+    if status != "ok": raise RuntimeError(f"{label} failed in its process: {value}")
+    return value
 
 def peak_memory(fn, # the call to measure, with no arguments
                 isolated: bool = True, # CPU: run in a forked process of its own
@@ -196,13 +208,7 @@ def peak_memory(fn, # the call to measure, with no arguments
     if not os.path.exists("/proc/self/clear_refs"):
         raise RuntimeError("peak_memory on the CPU needs Linux /proc (clear_refs); on other systems measure on CUDA")
     if not isolated: return _peak_here(fn, warmup)
-    ctx = mp.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_child, args=(fn, child, warmup)); p.start(); child.close()
-    status, value = parent.recv() if parent.poll(600) else ("error", "timed out after 600 s")
-    p.join()
-    if status != "ok": raise RuntimeError(f"peak_memory: the measured call failed in its process: {value}")
-    return value
+    return in_own_process(lambda: _peak_here(fn, warmup), 600, "peak_memory: the measured call")
 
 # %% ../nbs/foundations/04_measure.ipynb #8debdd1e
 def model_size_bytes(model_or_state) -> int: # a module or a state_dict
