@@ -264,7 +264,7 @@ def serve_call(ns: dict, # the kernel's namespace (its `globals()`)
                stem: str, # path prefix: reads `stem.in`, writes `stem.out`
               ) -> None:
     "Run in the kernel: call `ns[name]` on the arguments in `stem.in`; write the result or the exception to `stem.out`."
-    fn = ns.get(name)
+    caller, fn = os.getpid(), ns.get(name)
     if not callable(fn): out = ("missing", f"{name} is not defined")
     else:
         args, kwargs = load_value(f"{stem}.in")
@@ -276,7 +276,8 @@ def serve_call(ns: dict, # the kernel's namespace (its `globals()`)
             base = next(c.__name__ for c in type(e).__mro__ if c.__module__ == "builtins")
             out = ("raised", type(e).__name__, base, str(e)[:2000])
     import torch
-    torch.save(out, f"{stem}.out")
+    if os.getpid() != caller: os._exit(0)   # a process the learner's code forked never replies
+    torch.save(out, f"{stem}.out.part"); os.replace(f"{stem}.out.part", f"{stem}.out")   # whole or absent
 
 def read_reply(stem: str | Path):
     "The grader's side: what `serve_call` wrote, as (kind, payload). The exception is rebuilt as its built-in class."
