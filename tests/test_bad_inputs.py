@@ -246,3 +246,58 @@ def test_chapter24_refuses_bad_settings():
     X = np.zeros((8, 2), dtype=np.float32)
     shuffled = torch.utils.data.DataLoader(R.NoisyImages(X, np.zeros(8, dtype=int)), batch_size=4, shuffle=True)
     assert _raises(R.noise_of, shuffled, X) == ("ValueError", "noise_of needs a loader without shuffling (shuffle=False)")
+
+
+def test_chapter02_refuses_bad_settings():
+    """Chapter 02's functions that take a learner's data or settings: one line naming the problem and the fix."""
+    import numpy as np
+    import torch
+    from dlopt_labs.generalise import regularise as G
+    from dlopt_labs.data import load, split
+    data = split(load("digits"), seed=0, max_train=100)
+    assert _raises(G.augment_images, torch.zeros(2, 10)) == (
+        "ValueError", "augment_images needs flattened square images, got 10 features per row")
+    assert _raises(G.train_mlp, data.X_train, data.y_train, patience=3) == (
+        "ValueError", "early stopping (patience) needs a validation set: pass monitor={'val': (X, y)}")
+    assert _raises(G.train_mlp, data.X_train, data.y_train[:5]) == (
+        "ValueError", "X and y must have the same, non-zero number of rows, got 100 and 5")
+    assert _raises(G.pca_fit, np.zeros((10, 4)), 5) == (
+        "ValueError", "k must be between 1 and min(n_samples, n_features) = 4, got 5")
+    assert _raises(G.grid_candidates, dict(lr=[])) == (
+        "ValueError", "the grid needs at least one value per name, got {'lr': []}")
+    assert _raises(G.try_generalise, data, 5000) == ("ValueError", "n_train must be between 10 and 100, got 5000")
+
+
+def test_chapter04_refuses_bad_settings():
+    """Chapter 04's functions that take a learner's data or settings: one line naming the problem and the fix."""
+    import numpy as np
+    import torch
+    from dlopt_labs.generalise import robust as R
+    from dlopt_labs.models import MLP
+    model, x, y = MLP(4, 3).eval(), torch.rand(5, 4), torch.zeros(5, dtype=torch.long)
+    assert _raises(R.fgsm, model, x, y, -0.1) == ("ValueError", "eps must be >= 0, got -0.1")
+    assert _raises(R.pgd, model, x, y, 0.1, steps=0) == (
+        "ValueError", "eps must be >= 0 and steps >= 1, got eps=0.1, steps=0")
+    assert _raises(R.attack_loss, model(x), y, "hinge") == ("ValueError", "loss must be 'ce' or 'margin', got 'hinge'")
+    assert _raises(R.train_robust, np.zeros((4, 4)), np.zeros(4, dtype=int), method="mixup") == (
+        "ValueError", "method must be 'plain', 'noise' or 'adversarial', got 'mixup'")
+    assert _raises(R.try_robust, {"plain": model}, x, y, "robust") == (
+        "ValueError", "unknown model 'robust'; choose from ['plain']")
+
+
+def test_chapter05_refuses_bad_settings():
+    """Chapter 05's functions that take a learner's data or settings: one line naming the problem and the fix."""
+    import numpy as np
+    from dlopt_labs.generalise import transfer as T
+    from dlopt_labs.data import load, split
+    data = split(load("digits"), seed=0)
+    assert _raises(T.digits_tasks, data, (0, 1, 2), (2, 3)) == (
+        "ValueError", "source and target classes must not overlap, both have [2]")
+    assert _raises(T.k_shot, np.zeros((6, 2)), np.array([0, 0, 0, 1, 1, 1]), 4) == (
+        "ValueError", "k must be between 1 and the smallest class's size 3, got 4")
+    assert _raises(T.fit_probe, np.zeros((4, 2)), np.array([0, 1, 0, 1]), C=0) == ("ValueError", "C must be > 0, got 0")
+    source = T.make_net(64, 5)
+    assert _raises(T.transfer, source, data.X_train[:10], data.y_train[:10] % 5, "distill") == (
+        "ValueError", "unknown strategy 'distill'; choose from ['scratch', 'linear probe', 'fine-tune', 'probe then fine-tune']")
+    assert _raises(T.tune_last_layers, source, data.X_train[:10], data.y_train[:10] % 5, 4) == (
+        "ValueError", "n_trainable must be between 1 and 3, got 4")

@@ -395,3 +395,165 @@ def test_checkpointed_under_autocast_and_a_partial_backward():
     torch.autograd.grad(loss, [model[-1].weight], retain_graph=True)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+# chapter 02: scikit-learn's GridSearchCV / RandomizedSearchCV, PCA and f_classif --------------------------------------
+
+from dlopt_labs.generalise import regularise as G
+
+
+def _wine():                                       # a data set chapter 02 does not use, standardised on all rows
+    from sklearn.datasets import load_wine
+    X, y = load_wine(return_X_y=True)
+    return ((X - X.mean(0)) / X.std(0)).astype(np.float32), y
+
+
+def test_cv_search_equals_grid_search_cv_score_for_score_and_picks_the_same_best():
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    X, y = _wine()
+    folds = list(StratifiedKFold(3, shuffle=True, random_state=7).split(X, y))
+    estimator = G.TorchMLPClassifier(epochs=4, hidden=32, seed=3)
+    grid = dict(lr=[1e-3, 1e-2], dropout=[0.0, 0.3])
+    ours = G.cv_search(estimator, G.grid_candidates(grid), X, y, folds)
+    ref = GridSearchCV(estimator, grid, cv=folds).fit(X, y)
+    key = lambda p: (round(p["lr"], 12), round(p["dropout"], 12))
+    theirs = {key(p): s for p, s in zip(ref.cv_results_["params"], ref.cv_results_["mean_test_score"])}
+    assert len(ours) == len(theirs) == 4
+    for _, row in ours.iterrows():                 # the training is seeded: the scores are equal, to 1e-12
+        assert abs(row.mean_score - theirs[key(row)]) < 1e-12
+    assert key(ours.iloc[0]) == key(ref.best_params_)
+
+
+@pytest.mark.parametrize("draw_seed", [0, 5])
+def test_cv_search_on_randomized_search_cv_draws_equals_its_scores(draw_seed):
+    from scipy.stats import loguniform
+    from sklearn.model_selection import KFold, RandomizedSearchCV
+    X, y = _wine()
+    folds = list(KFold(3, shuffle=True, random_state=draw_seed).split(X))
+    estimator = G.TorchMLPClassifier(epochs=3, hidden=16, seed=draw_seed)
+    ref = RandomizedSearchCV(estimator, dict(lr=loguniform(1e-4, 1e-1), l2=loguniform(1e-6, 1e-2)), n_iter=4,
+                             random_state=draw_seed, cv=folds).fit(X, y)
+    ours = G.cv_search(estimator, ref.cv_results_["params"], X, y, folds).sort_values("candidate")
+    assert np.allclose(ours.mean_score.values, ref.cv_results_["mean_test_score"], atol=1e-12)
+    assert ours.sort_values("mean_score", ascending=False, kind="stable").iloc[0].candidate == ref.best_index_
+
+
+def test_pca_and_anova_f_match_scikit_learn():
+    from sklearn.decomposition import PCA
+    from sklearn.feature_selection import f_classif
+    X, y = _wine()
+    fitted = G.pca_fit(X[:120], 5)
+    ours = G.pca_transform(X[120:], fitted)
+    theirs = PCA(5).fit(X[:120]).transform(X[120:])
+    signs = np.sign((ours * theirs).sum(0))         # a component's sign is arbitrary
+    assert np.allclose(ours * signs, theirs, atol=1e-4)
+    assert np.allclose(G.anova_f(X, y), f_classif(X, y)[0], rtol=1e-6)
+
+
+def test_samme_weights_and_votes_follow_the_algorithm():
+    X, y = _wine()
+    models, alphas = G.samme(X, y, n_rounds=3, hidden=(4,), epochs=2, seed=0)
+    K, w = 3, np.full(len(y), 1 / len(y))
+    for model, alpha in zip(models, alphas):        # recompute each round's vote from its own errors
+        miss = G.probabilities(model, X).argmax(1).numpy() != y
+        err = w[miss].sum()
+        assert alpha == pytest.approx(math.log((1 - err) / err) + math.log(K - 1), rel=1e-9)
+        w = w * np.exp(alpha * miss); w /= w.sum()
+    votes = sum(a * np.eye(K)[G.probabilities(m, X).argmax(1).numpy()] for m, a in zip(models, alphas))
+    assert np.array_equal(G.samme_predict((models, alphas), X), votes.argmax(1))
+
+
+# chapter 04: captum.robust.FGSM and PGD -----------------------------------------------------------------------------
+
+from dlopt_labs.generalise import robust as R4
+
+
+def _shapes_model_and_batch(seed=0):              # inputs chapter 04 does not use: 16x16 shapes, an untrained MLP
+    from dlopt_labs.data import make_shapes
+    X, y, _ = make_shapes(n=48, size=16, seed=seed)
+    x = torch.as_tensor(X, dtype=torch.float64).reshape(len(X), -1).clamp(0, 1)
+    torch.manual_seed(seed)            # float64: a near-zero gradient's sign is then the same in both codes
+    model = MLP(x.shape[1], int(y.max()) + 1, hidden=(64,)).double().eval()
+    return model, x, torch.as_tensor(y)
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.05, 0.2])
+def test_fgsm_equals_captum_fgsm(eps):
+    from captum.robust import FGSM
+    model, x, y = _shapes_model_and_batch()
+    ours = R4.fgsm(model, x, y, eps)
+    # captum's default loss is -log(output), for models that output probabilities: ours outputs logits
+    theirs = FGSM(model, loss_func=nn.CrossEntropyLoss(reduction="none"), lower_bound=0.0,
+                  upper_bound=1.0).perturb(x, eps, y)
+    # tolerance: equal to 1e-6, except where a gradient is so close to zero that float32 rounding (a sum
+    # against a per-example loss) flips its sign; at most 0.1% of the pixels, and only there
+    differs = (ours - theirs).abs() > 1e-6
+    assert differs.float().mean() <= 0.001
+    xg = x.clone().requires_grad_(True)
+    F.cross_entropy(model(xg), y, reduction="sum").backward()
+    assert (xg.grad.abs()[differs] < 1e-5).all()
+
+
+@pytest.mark.parametrize("eps,steps", [(0.03, 5), (0.1, 10), (0.2, 3)])
+def test_pgd_equals_captum_pgd_and_beats_fgsm(eps, steps):
+    from captum.robust import PGD
+    model, x, y = _shapes_model_and_batch(1)
+    step = 2.5 * eps / steps
+    ours = R4.pgd(model, x, y, eps, steps=steps, step_size=step, start="clean", keep_best=False)  # as captum
+    theirs = PGD(model, loss_func=nn.CrossEntropyLoss(reduction="none"), lower_bound=0.0,
+                 upper_bound=1.0).perturb(x, eps, step, steps, y, norm="Linf")
+    # tolerance: at most 1% of the pixels differ by more than 1e-9, and the attacked accuracy by at most 1 point.
+    # The codes agree step for step except where a gradient is within rounding of zero (seen: 6.7e-8 in float64),
+    # whose sign the two compute differently; such a pixel then takes another path for the remaining steps.
+    assert ((ours - theirs).abs() > 1e-9).float().mean() <= 0.01
+    acc = lambda adv: float((model(adv).argmax(1) == y).float().mean())
+    assert abs(acc(ours) - acc(theirs)) <= 0.01 + 1e-12
+    assert (ours - x).abs().max() <= eps + 1e-6 and 0 <= ours.min() and ours.max() <= 1
+    fooled = lambda adv: float((model(adv).argmax(1) != y).float().mean())
+    assert fooled(R4.pgd(model, x, y, eps, steps=steps)) >= fooled(R4.fgsm(model, x, y, eps))
+
+
+def test_margin_loss_and_averaged_ensemble():
+    logits = torch.tensor([[2.0, 1.0, -1.0], [0.0, 3.0, 1.0]])
+    y = torch.tensor([0, 2])
+    assert R4.attack_loss(logits, y, "margin").item() == pytest.approx((1.0 - 2.0) + (3.0 - 1.0))
+    members = [MLP(4, 3, hidden=(5,)).eval() for _ in range(3)]
+    x = torch.rand(6, 4)
+    ensemble = R4.Averaged(members)
+    mean_prob = torch.stack([m(x).softmax(1) for m in members]).mean(0)
+    assert torch.allclose(ensemble(x).exp(), mean_prob, atol=1e-6)
+
+
+# chapter 05: scikit-learn's LogisticRegression on frozen features ---------------------------------------------------
+
+from dlopt_labs.generalise import transfer as T5
+
+
+@pytest.mark.parametrize("C", [0.1, 1.0, 10.0])
+def test_torch_probe_matches_logistic_regression_on_other_features(C):
+    from sklearn.linear_model import LogisticRegression
+    X, y = _wine()                                      # features chapter 05 does not use, three classes
+    X = X.astype(np.float64)
+    order = np.random.default_rng(0).permutation(len(y))
+    train, test = order[:120], order[120:]
+    W, b = T5.fit_probe(torch.as_tensor(X[train]), y[train], C=C)
+    ref = LogisticRegression(C=C, max_iter=10_000, tol=1e-10).fit(X[train], y[train])
+    ours = (torch.as_tensor(X[test]) @ W.T + b).argmax(1).numpy()
+    # the tolerance is one accuracy point; on the same convex objective the two agree far closer
+    assert abs((ours == y[test]).mean() - (ref.predict(X[test]) == y[test]).mean()) <= 0.01
+    assert (ours == ref.predict(X[test])).mean() >= 0.99
+    assert np.allclose(W.numpy(), ref.coef_, atol=1e-3 * max(1.0, np.abs(ref.coef_).max()))
+
+
+def test_linear_probe_strategy_trains_only_the_head_and_keeps_batchnorm_statistics():
+    from dlopt_labs.data import load, split
+    data = split(load("digits"), seed=3)
+    tasks = T5.digits_tasks(data, source=(1, 3, 5, 7, 9), target=(0, 2, 4, 6, 8))   # another split of classes
+    source = T5.pretrain(*tasks["source"]["train"], epochs=2, seed=1)
+    Xk, yk = T5.k_shot(*tasks["target"]["train"], 4, seed=2)
+    probe = T5.transfer(source, Xk, yk, "linear probe", seed=2)
+    for a, b in zip(list(source)[:-1], list(probe)[:-1]):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    _, shift = T5.bn_drift(source, Xk, yk, freeze_bn=True, epochs=3, seed=2)
+    _, moved = T5.bn_drift(source, Xk, yk, freeze_bn=False, epochs=3, seed=2)
+    assert shift == 0.0 and moved > 0.0

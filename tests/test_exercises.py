@@ -376,3 +376,188 @@ def test_ch24_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
     one_more = lambda std, effect, alpha, power: by_bisection(std, effect, alpha, power) + 1
     for wrong in (normal, normal_plus_one, one_sided, one_more):
         assert status(R.check_seeds_for_t_test, wrong) == "failed"
+
+
+# chapter 02, exercise 1: cutout -------------------------------------------------------------------------------------
+
+from dlopt_labs.generalise import regularise as G2
+
+
+def _cutout_by_mask(images, tops, lefts, size):
+    images = np.asarray(images)
+    n, d = images.shape
+    side = int(round(math.sqrt(d)))
+    rows, cols = np.arange(side)[None, :, None], np.arange(side)[None, None, :]
+    t, l = np.asarray(tops)[:, None, None], np.asarray(lefts)[:, None, None]
+    inside = (rows >= t) & (rows < t + size) & (cols >= l) & (cols < l + size)
+    return np.where(inside, 0.0, images.reshape(n, side, side)).reshape(n, d)
+
+
+def test_ch02_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    assert status(G2.check_cutout, _cutout_by_mask) == "passed"
+    def in_place(images, tops, lefts, size):
+        side = int(round(math.sqrt(images.shape[1])))
+        v = images.reshape(len(images), side, side)
+        for i in range(len(images)):
+            v[i, max(tops[i], 0):tops[i] + size, max(lefts[i], 0):lefts[i] + size] = 0
+        return images
+    def negative_wraps(images, tops, lefts, size):  # slices from a negative start wrap around
+        out = np.array(images, copy=True); side = int(round(math.sqrt(out.shape[1])))
+        v = out.reshape(len(out), side, side)
+        for i in range(len(out)):
+            v[i, tops[i]:tops[i] + size, lefts[i]:lefts[i] + size] = 0
+        return out
+    swapped = lambda images, tops, lefts, size: _cutout_by_mask(images, lefts, tops, size)
+    one_bigger = lambda images, tops, lefts, size: _cutout_by_mask(images, tops, lefts, size + 1)
+    chapter_augment = lambda images, tops, lefts, size: G2.augment_images(
+        torch.as_tensor(images, dtype=torch.float32), 0, 0.0, 0.0).numpy()
+    for wrong in (in_place, negative_wraps, swapped, one_bigger, chapter_augment):
+        assert status(G2.check_cutout, wrong) == "failed"
+
+
+# chapter 02, exercise 2: stratified folds ----------------------------------------------------------------------------
+
+def test_ch02_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    from sklearn.model_selection import KFold, StratifiedKFold
+    def by_sklearn(y, k, seed):
+        y = np.asarray(y)
+        if k < 2 or np.bincount(y).min() < k: raise ValueError("bad k")
+        return [test for _, test in StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)]
+    assert status(G2.check_stratified_folds, by_sklearn) == "passed"
+    def plain_kfold(y, k, seed):
+        if k < 2 or k > len(y): raise ValueError("bad k")
+        return [test for _, test in KFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)))]
+    def unshuffled(y, k, seed):
+        return by_sklearn(y, k, 0)
+    def no_check(y, k, seed):
+        y = np.asarray(y); folds = [[] for _ in range(max(k, 1))]
+        for c in np.unique(y):
+            for j, r in enumerate(np.random.default_rng(seed).permutation(np.flatnonzero(y == c))):
+                folds[j % max(k, 1)].append(r)
+        return [np.array(f) for f in folds]
+    for wrong in (plain_kfold, unshuffled, no_check):
+        assert status(G2.check_stratified_folds, wrong) == "failed"
+
+
+# chapter 04, exercise 1: PGD in the L2 norm -------------------------------------------------------------------------
+
+from dlopt_labs.generalise import robust as R4
+
+
+def _pgd_l2_by_hand(W, b, x, y, radius, step_size, steps):   # the gradient of the cross-entropy written out
+    adv = x.clone()
+    onehot = F.one_hot(y, W.shape[0]).to(x.dtype)
+    for _ in range(steps):
+        p = (adv @ W.T + b).softmax(1)
+        grad = (p - onehot) @ W
+        adv = adv + step_size * grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        delta = adv - x
+        n = delta.norm(dim=1, keepdim=True)
+        adv = (x + torch.where(n > radius, delta * radius / n.clamp_min(1e-12), delta)).clamp(0, 1)
+    return adv
+
+
+def test_ch04_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    assert status(R4.check_pgd_l2, _pgd_l2_by_hand) == "passed"
+    def sign_steps(W, b, x, y, radius, step_size, steps):      # an L-infinity step inside an L2 ball
+        adv = x.clone()
+        for _ in range(steps):
+            a = adv.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(a @ W.T + b, y, reduction="sum"), a)
+            delta = adv + step_size * g.sign() - x
+            n = delta.norm(dim=1, keepdim=True)
+            adv = (x + delta * torch.clamp(radius / n, max=1.0)).clamp(0, 1)
+        return adv
+    def batch_norm_projection(W, b, x, y, radius, step_size, steps):   # one norm for the whole batch
+        adv = x.clone()
+        for _ in range(steps):
+            a = adv.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(a @ W.T + b, y, reduction="sum"), a)
+            delta = adv + step_size * g / g.norm(dim=1, keepdim=True) - x
+            adv = (x + delta * min(1.0, radius / float(delta.norm()))).clamp(0, 1)
+        return adv
+    no_clamp = _pgd_l2_no_clamp
+    chapter_pgd = lambda W, b, x, y, r, s, k: R4.pgd(lambda v: v @ W.T + b, x, y, r, steps=k, step_size=s)
+    for wrong in (sign_steps, batch_norm_projection, no_clamp, chapter_pgd):
+        assert status(R4.check_pgd_l2, wrong) == "failed"
+
+
+def _pgd_l2_no_clamp(W, b, x, y, radius, step_size, steps):
+    adv = x.clone()
+    onehot = F.one_hot(y, W.shape[0]).to(x.dtype)
+    for _ in range(steps):
+        grad = ((adv @ W.T + b).softmax(1) - onehot) @ W
+        delta = adv + step_size * grad / grad.norm(dim=1, keepdim=True) - x
+        n = delta.norm(dim=1, keepdim=True)
+        adv = x + delta * torch.clamp(radius / n, max=1.0)
+    return adv
+
+
+# chapter 04, exercise 2: the L-infinity distance to a linear boundary ----------------------------------------------
+
+def test_ch04_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def by_loops(W, b, x):
+        z = x @ W.T + b
+        out = []
+        for i in range(len(x)):
+            p = int(z[i].argmax())
+            out.append(min(float((z[i, p] - z[i, j]) / (W[p] - W[j]).abs().sum())
+                           for j in range(W.shape[0]) if j != p))
+        return torch.tensor(out)
+    assert status(R4.check_linf_flip_distance, by_loops) == "passed"
+    def l2_norm(W, b, x):
+        z = x @ W.T + b; p = z.argmax(1)
+        d = (z.gather(1, p[:, None]) - z) / (W[p][:, None] - W[None]).norm(dim=-1).clamp_min(1e-12)
+        d[torch.arange(len(x)), p] = math.inf
+        return d.min(1).values
+    def no_bias(W, b, x):
+        return by_loops(W, torch.zeros_like(b), x)
+    def largest(W, b, x):
+        z = x @ W.T + b; p = z.argmax(1)
+        d = (z.gather(1, p[:, None]) - z) / (W[p][:, None] - W[None]).abs().sum(-1).clamp_min(1e-12)
+        return d.max(1).values
+    def fgsm_margin(W, b, x):                          # one sign step's change of the loss, not a distance
+        return ((x @ W.T + b).softmax(1).max(1).values - 0.5).abs()
+    for wrong in (l2_norm, no_bias, largest, fgsm_margin):
+        assert status(R4.check_linf_flip_distance, wrong) == "failed"
+
+
+# chapter 05, exercise 1: nearest class mean -------------------------------------------------------------------------
+
+from dlopt_labs.generalise import transfer as T5
+
+
+def test_ch05_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    from sklearn.neighbors import NearestCentroid, KNeighborsClassifier
+    def by_sklearn(Zs, ys, Zq):
+        return NearestCentroid().fit(Zs, ys).predict(Zq)
+    assert status(T5.check_nearest_prototype, by_sklearn) == "passed"
+    one_nn = lambda Zs, ys, Zq: KNeighborsClassifier(1).fit(Zs, ys).predict(Zq)
+    def cosine(Zs, ys, Zq):
+        means = np.stack([Zs[ys == c].mean(0) for c in range(int(ys.max()) + 1)])
+        sim = (Zq / np.linalg.norm(Zq, axis=1, keepdims=True)) @ (means / np.linalg.norm(means, axis=1, keepdims=True)).T
+        return sim.argmax(1)
+    def medians(Zs, ys, Zq):
+        meds = np.stack([np.median(Zs[ys == c], 0) for c in range(int(ys.max()) + 1)])
+        return ((Zq[:, None] - meds[None]) ** 2).sum(-1).argmin(1)
+    for wrong in (one_nn, cosine, medians):
+        assert status(T5.check_nearest_prototype, wrong) == "failed"
+
+
+# chapter 05, exercise 2: linear CKA ---------------------------------------------------------------------------------
+
+def test_ch05_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def by_hsic(X, Y):
+        n = len(X); H = np.eye(n) - 1 / n
+        K, L = H @ X @ X.T @ H, H @ Y @ Y.T @ H
+        return np.trace(K @ L) / np.sqrt(np.trace(K @ K) * np.trace(L @ L))
+    assert status(T5.check_linear_cka, by_hsic) == "passed"
+    def uncentred(X, Y):
+        return np.linalg.norm(Y.T @ X) ** 2 / (np.linalg.norm(X.T @ X) * np.linalg.norm(Y.T @ Y))
+    def not_squared(X, Y):
+        X, Y = X - X.mean(0), Y - Y.mean(0)
+        return np.linalg.norm(Y.T @ X) / np.sqrt(np.linalg.norm(X.T @ X) * np.linalg.norm(Y.T @ Y))
+    def mean_correlation(X, Y):
+        return abs(np.corrcoef(X.mean(1), Y.mean(1))[0, 1])
+    for wrong in (uncentred, not_squared, mean_correlation):
+        assert status(T5.check_linear_cka, wrong) == "failed"
