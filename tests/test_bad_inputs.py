@@ -301,3 +301,21 @@ def test_chapter05_refuses_bad_settings():
         "ValueError", "unknown strategy 'distill'; choose from ['scratch', 'linear probe', 'fine-tune', 'probe then fine-tune']")
     assert _raises(T.tune_last_layers, source, data.X_train[:10], data.y_train[:10] % 5, 4) == (
         "ValueError", "n_trainable must be between 1 and 3, got 4")
+
+
+def test_chapter14_refuses_bad_settings():
+    """Chapter 14's functions that take a learner's data or settings: one line naming the problem and the fix."""
+    import numpy as np
+    import torch
+    from dlopt_labs.generalise import contrastive as C
+    emb, labels = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
+    assert _raises(C.pick_triplets, emb, labels, "hard") == (
+        "ValueError", "mining must be 'random' or 'semi-hard', got 'hard'")
+    assert _raises(C.precision_at_1, emb, labels, metric="manhattan") == (
+        "ValueError", "metric must be 'euclidean' or 'cosine', got 'manhattan'")
+    assert _raises(C.shift_domain, np.zeros((2, 10))) == (
+        "ValueError", "shift_domain needs flattened square images, got 10 features per row")
+    assert _raises(C.train_adapted, np.zeros((4, 4)), np.array([0, 1, 0, 1]), coral=1.0) == (
+        "ValueError", "coral > 0 aligns with the target domain: pass its unlabelled rows as X_target")
+    assert _raises(C.coral_loss, torch.zeros(5, 3), torch.zeros(5, 4)) == (
+        "ValueError", "need two feature batches of >= 2 rows and equal width, got (5, 3), (5, 4)")

@@ -557,3 +557,40 @@ def test_linear_probe_strategy_trains_only_the_head_and_keeps_batchnorm_statisti
     _, shift = T5.bn_drift(source, Xk, yk, freeze_bn=True, epochs=3, seed=2)
     _, moved = T5.bn_drift(source, Xk, yk, freeze_bn=False, epochs=3, seed=2)
     assert shift == 0.0 and moved > 0.0
+
+
+# chapter 14: torch.nn.TripletMarginLoss, and CORAL's covariance distance ---------------------------------------------
+
+from dlopt_labs.generalise import contrastive as C14
+
+
+@pytest.mark.parametrize("margin,dim,n", [(0.2, 8, 16), (1.0, 32, 50), (0.05, 3, 7)])
+def test_triplet_loss_equals_torch_triplet_margin_loss_values_and_gradients(margin, dim, n):
+    g = torch.Generator().manual_seed(int(margin * 100) + dim)
+    a, p, q = (torch.randn(n, dim, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ours = C14.triplet_loss(a, p, q, margin)
+    theirs = nn.TripletMarginLoss(margin=margin)(a, p, q)
+    assert torch.allclose(ours, theirs, atol=1e-12)          # tolerance: float64 rounding
+    g_ours = torch.autograd.grad(ours, (a, p, q))
+    g_theirs = torch.autograd.grad(nn.TripletMarginLoss(margin=margin)(a, p, q), (a, p, q))
+    assert all(torch.allclose(x, y, atol=1e-12) for x, y in zip(g_ours, g_theirs))
+
+
+def test_semi_hard_negatives_are_the_closest_farther_than_the_positive_inside_the_margin():
+    g = torch.Generator().manual_seed(3)
+    emb = F.normalize(torch.randn(40, 6, generator=g), dim=1)
+    labels = torch.arange(40) % 5
+    anc, pos, neg = C14.pick_triplets(emb, labels, "semi-hard", 0.3, g)
+    d = torch.cdist(emb, emb)
+    for i, j, k in zip(anc.tolist(), pos.tolist(), neg.tolist()):
+        negs = [m for m in range(40) if labels[m] != labels[i]]
+        semi = [m for m in negs if d[i, j] < d[i, m] < d[i, j] + 0.3]
+        want = min(semi, key=lambda m: d[i, m]) if semi else max(negs, key=lambda m: d[i, m])
+        assert k == want
+
+
+def test_coral_loss_equals_the_covariance_formula():
+    gen = np.random.default_rng(0)
+    fs, ft = gen.normal(size=(30, 5)), gen.normal(2.0, 3.0, size=(20, 5))
+    want = ((np.cov(fs, rowvar=False) - np.cov(ft, rowvar=False)) ** 2).sum() / (4 * 5 * 5)
+    assert C14.coral_loss(torch.as_tensor(fs), torch.as_tensor(ft)).item() == pytest.approx(want, rel=1e-12)

@@ -435,7 +435,15 @@ def test_ch02_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
             for j, r in enumerate(np.random.default_rng(seed).permutation(np.flatnonzero(y == c))):
                 folds[j % max(k, 1)].append(r)
         return [np.array(f) for f in folds]
-    for wrong in (plain_kfold, unshuffled, no_check):
+    def dealt_in_order(y, k, seed):                 # a seed-dependent offset, but each class's rows in order
+        y = np.asarray(y)
+        if k < 2 or np.bincount(y).min() < k: raise ValueError("bad k")
+        folds = [[] for _ in range(k)]
+        for c in np.unique(y):
+            for j, r in enumerate(np.flatnonzero(y == c)):
+                folds[(j + seed) % k].append(r)
+        return [np.array(f) for f in folds]
+    for wrong in (plain_kfold, unshuffled, no_check, dealt_in_order):
         assert status(G2.check_stratified_folds, wrong) == "failed"
 
 
@@ -561,3 +569,56 @@ def test_ch05_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
         return abs(np.corrcoef(X.mean(1), Y.mean(1))[0, 1])
     for wrong in (uncentred, not_squared, mean_correlation):
         assert status(T5.check_linear_cka, wrong) == "failed"
+
+
+# chapter 14, exercise 1: the contrastive loss -----------------------------------------------------------------------
+
+from dlopt_labs.generalise import contrastive as C14
+
+
+def test_ch14_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def by_torch(d, same, margin):
+        d, s = torch.as_tensor(d), torch.as_tensor(same, dtype=torch.float64)
+        return float((s * d**2 + (1 - s) * F.relu(margin - d) ** 2).mean())
+    assert status(C14.check_contrastive_loss, by_torch) == "passed"
+    not_squared = lambda d, same, m: float(np.where(same, d, np.maximum(0, m - d)).mean())
+    margin_both = lambda d, same, m: float(np.where(same, np.maximum(0, d - m) ** 2, np.maximum(0, m - d) ** 2).mean())
+    summed = lambda d, same, m: float(np.where(same, d**2, np.maximum(0, m - d) ** 2).sum())
+    swapped = lambda d, same, m: float(np.where(~np.asarray(same), d**2, np.maximum(0, m - d) ** 2).mean())
+    chapter_triplet = lambda d, same, m: float(C14.triplet_loss(torch.zeros(1, 1), torch.zeros(1, 1),
+                                                                torch.as_tensor([[float(np.mean(d))]]), m))
+    for wrong in (not_squared, margin_both, summed, swapped, chapter_triplet):
+        assert status(C14.check_contrastive_loss, wrong) == "failed"
+
+
+# chapter 14, exercise 2: mean average precision ---------------------------------------------------------------------
+
+def test_ch14_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def by_loops(dist, labels):
+        total = 0.0
+        for q in range(len(labels)):
+            order = sorted((i for i in range(len(labels)) if i != q), key=lambda i: (dist[q, i], i))
+            hits, precisions = 0, []
+            for rank, i in enumerate(order, 1):
+                if labels[i] == labels[q]:
+                    hits += 1
+                    precisions.append(hits / rank)
+            total += sum(precisions) / len(precisions)
+        return total / len(labels)
+    assert status(C14.check_mean_average_precision, by_loops) == "passed"
+    def with_self(dist, labels):
+        aps = []
+        for q in range(len(labels)):
+            ranked = np.argsort(dist[q], kind="stable")
+            hits = labels[ranked] == labels[q]
+            aps.append((np.cumsum(hits)[hits] / (np.flatnonzero(hits) + 1)).mean())
+        return float(np.mean(aps))
+    def p_at_1(dist, labels):
+        d = dist + np.diag(np.full(len(labels), np.inf))
+        return float((labels[d.argmin(1)] == labels).mean())
+    def farthest_first(dist, labels):
+        return by_loops(-dist, labels)
+    def chapter_precision(dist, labels):            # the chapter's own metric, on points recovered from nothing
+        return C14.precision_at_1(torch.as_tensor(dist), labels)
+    for wrong in (with_self, p_at_1, farthest_first, chapter_precision):
+        assert status(C14.check_mean_average_precision, wrong) == "failed"
