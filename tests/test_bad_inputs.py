@@ -319,3 +319,12 @@ def test_chapter14_refuses_bad_settings():
         "ValueError", "coral > 0 aligns with the target domain: pass its unlabelled rows as X_target")
     assert _raises(C.coral_loss, torch.zeros(5, 3), torch.zeros(5, 4)) == (
         "ValueError", "need two feature batches of >= 2 rows and equal width, got (5, 3), (5, 4)")
+    assert _raises(C.triplet_loss, torch.zeros(5, 3), torch.zeros(1, 3), torch.zeros(5, 3)) == (
+        "ValueError", "triplets must be three (n, d) tensors of one shape, got (5, 3), (1, 3), (5, 3)")
+    assert _raises(C.train_embedder, np.zeros((6, 4)), np.array([0, 0, 1, 1, 2, 2]), per_class=1) == (
+        "ValueError", "triplets need two classes and per_class >= 2 (a positive besides the anchor), "
+        "got 3 classes, per_class=1")
+    assert _raises(C.few_shot_accuracy, emb, labels, 2) == (
+        "ValueError", "shots must be between 1 and the smallest class's size - 1 (1), got 2: every class needs a query")
+    assert _raises(C.precision_at_1, emb, labels[:4]) == (
+        "ValueError", "need one label per embedding and at least two rows, got 6 and 4")

@@ -594,3 +594,18 @@ def test_coral_loss_equals_the_covariance_formula():
     fs, ft = gen.normal(size=(30, 5)), gen.normal(2.0, 3.0, size=(20, 5))
     want = ((np.cov(fs, rowvar=False) - np.cov(ft, rowvar=False)) ** 2).sum() / (4 * 5 * 5)
     assert C14.coral_loss(torch.as_tensor(fs), torch.as_tensor(ft)).item() == pytest.approx(want, rel=1e-12)
+
+
+def test_precision_at_1_and_few_shot_equal_scikit_learn_nearest_neighbours():
+    from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+    gen = np.random.default_rng(4)
+    labels = gen.integers(0, 4, 60)
+    emb = gen.normal(size=(60, 5)) + labels[:, None]
+    _, idx = NearestNeighbors(n_neighbors=2).fit(emb).kneighbors(emb)        # [self, nearest other]
+    assert C14.precision_at_1(torch.as_tensor(emb), labels) == pytest.approx((labels[idx[:, 1]] == labels).mean())
+    # one episode: the same support draw as few_shot_accuracy makes with this seed, scored by a 1-NN classifier
+    draw = np.random.default_rng(9)
+    support = np.concatenate([draw.choice(np.flatnonzero(labels == c), 2, replace=False) for c in range(4)])
+    query = np.setdiff1d(np.arange(60), support)
+    ref = (KNeighborsClassifier(1).fit(emb[support], labels[support]).predict(emb[query]) == labels[query]).mean()
+    assert C14.few_shot_accuracy(torch.as_tensor(emb), labels, 2, episodes=1, seed=9) == pytest.approx(ref)

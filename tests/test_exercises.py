@@ -581,13 +581,14 @@ def test_ch14_exercise1_accepts_a_different_correct_solution_and_refuses_likely_
         d, s = torch.as_tensor(d), torch.as_tensor(same, dtype=torch.float64)
         return float((s * d**2 + (1 - s) * F.relu(margin - d) ** 2).mean())
     assert status(C14.check_contrastive_loss, by_torch) == "passed"
-    not_squared = lambda d, same, m: float(np.where(same, d, np.maximum(0, m - d)).mean())
-    margin_both = lambda d, same, m: float(np.where(same, np.maximum(0, d - m) ** 2, np.maximum(0, m - d) ** 2).mean())
-    summed = lambda d, same, m: float(np.where(same, d**2, np.maximum(0, m - d) ** 2).sum())
-    swapped = lambda d, same, m: float(np.where(~np.asarray(same), d**2, np.maximum(0, m - d) ** 2).mean())
+    not_squared = lambda d, same, m: float(np.where(same > 0, d, np.maximum(0, m - d)).mean())
+    margin_both = lambda d, same, m: float(np.where(same > 0, np.maximum(0, d - m) ** 2, np.maximum(0, m - d) ** 2).mean())
+    summed = lambda d, same, m: float(np.where(same > 0, d**2, np.maximum(0, m - d) ** 2).sum())
+    swapped = lambda d, same, m: float(((1 - same) * d**2 + same * np.maximum(0, m - d) ** 2).mean())
+    half = lambda d, same, m: float((0.5 * same * d**2 + 0.5 * (1 - same) * np.maximum(0, m - d) ** 2).mean())
     chapter_triplet = lambda d, same, m: float(C14.triplet_loss(torch.zeros(1, 1), torch.zeros(1, 1),
                                                                 torch.as_tensor([[float(np.mean(d))]]), m))
-    for wrong in (not_squared, margin_both, summed, swapped, chapter_triplet):
+    for wrong in (not_squared, margin_both, summed, swapped, half, chapter_triplet):
         assert status(C14.check_contrastive_loss, wrong) == "failed"
 
 
