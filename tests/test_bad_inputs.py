@@ -328,3 +328,32 @@ def test_chapter14_refuses_bad_settings():
         "ValueError", "shots must be between 1 and the smallest class's size - 1 (1), got 2: every class needs a query")
     assert _raises(C.precision_at_1, emb, labels[:4]) == (
         "ValueError", "need one label per embedding and at least two rows, got 6 and 4")
+
+
+def test_chapter03_refuses_bad_settings(tmp_path):
+    """Chapter 03's functions that take a learner's data or settings: one line naming the problem and the fix."""
+    import numpy as np
+    from dlopt_labs.explain import agnostic as A
+    score = lambda X, y: 0.0
+    assert _raises(A.permutation_importance, score, np.zeros((5, 3)), np.zeros(4)) == (
+        "ValueError", "X has 5 rows but y has 4 labels: pass one label per row")
+    assert _raises(A.permutation_importance, score, np.zeros(5), np.zeros(5)) == (
+        "ValueError", "X must be a 2-D table (rows, features), got shape (5,)")
+    f = lambda X: X.sum(1)
+    assert _raises(A.kernel_shap, f, np.zeros((2, 3)), np.zeros((4, 3))) == (
+        "ValueError", "x must be one row of shape (M,), got (2, 3): explain rows one at a time")
+    assert _raises(A.kernel_shap, f, np.zeros(3), np.zeros(3)) == (
+        "ValueError", "background must be (rows, 3) like x, got (3,); pass training rows (or a sample of them), "
+        "not a single row")
+    assert _raises(A.kernel_shap, f, np.zeros(1), np.zeros((4, 1))) == (
+        "ValueError", "KernelSHAP needs at least 2 features, got 1")
+    assert _raises(A.lime_explain, f, np.zeros(3), np.array([1.0, 0.0, 1.0])) == (
+        "ValueError", "scale must be positive for every feature: pass the training standard deviations")
+    assert _raises(A.tabular_net, 4, 2, activation="swish") == (
+        "ValueError", "activation must be one of ['gelu', 'relu', 'sigmoid', 'tanh'], got 'swish'; "
+        "add a new one to ACTIVATIONS first")
+    assert _raises(A.mean_interval, [0.1], "lead") == (
+        "ValueError", "an interval needs at least 2 seeds, got 1: raise SEEDS")
+    assert _raises(A.read_scalars, tmp_path / "nothing") == (
+        "FileNotFoundError", f"no TensorBoard log folder at {tmp_path / 'nothing'}: train with TensorBoardLog first")
+    assert _raises(A.model_fn, None, "odds") == ("ValueError", "output must be 'probability' or 'logit', got 'odds'")

@@ -609,3 +609,120 @@ def test_precision_at_1_and_few_shot_equal_scikit_learn_nearest_neighbours():
     query = np.setdiff1d(np.arange(60), support)
     ref = (KNeighborsClassifier(1).fit(emb[support], labels[support]).predict(emb[query]) == labels[query]).mean()
     assert C14.few_shot_accuracy(torch.as_tensor(emb), labels, 2, episodes=1, seed=9) == pytest.approx(ref)
+
+
+# chapter 03: sklearn.inspection.permutation_importance, shap.KernelExplainer ----------------------------------------
+
+from dlopt_labs.explain import agnostic as A3
+
+
+def _wine_net_and_rows(seed=0):                    # inputs chapter 03 does not use: the wine table, a 3-class network
+    from sklearn.datasets import load_wine
+    X, y = load_wine(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(y))          # the rows come sorted by class
+    X, y = (X[order] - X.mean(0)) / X.std(0), y[order]
+    net, _ = A3.train_net(X[:120], y[:120], epochs=20, seed=seed, device="cpu")
+    return net, X, y
+
+
+@pytest.mark.parametrize("seed,repeats", [(0, 1), (7, 4), (123, 6)])
+def test_permutation_importance_equals_scikit_learn(seed, repeats):
+    from sklearn.datasets import load_diabetes, load_wine
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.inspection import permutation_importance
+    from sklearn.linear_model import Ridge
+    Xd, yd = load_diabetes(return_X_y=True)
+    ridge = Ridge(alpha=1.0).fit(Xd[:300], yd[:300])               # regression, R² score
+    mine = A3.permutation_importance(ridge.score, Xd[300:], yd[300:], repeats, seed)
+    ref = permutation_importance(ridge, Xd[300:], yd[300:], n_repeats=repeats, random_state=seed)
+    assert np.array_equal(mine["importances"], ref.importances)     # the same shuffles: exactly equal
+    assert np.array_equal(mine["importances_mean"], ref.importances_mean)
+    Xw, yw = load_wine(return_X_y=True)
+    forest = RandomForestClassifier(20, random_state=0).fit(Xw[::2], yw[::2])   # classification, accuracy
+    mine = A3.permutation_importance(forest.score, Xw[1::2], yw[1::2], repeats, seed)
+    ref = permutation_importance(forest, Xw[1::2], yw[1::2], n_repeats=repeats, random_state=seed)
+    assert np.array_equal(mine["importances"], ref.importances)
+
+
+def test_kernel_shap_enumerated_equals_shap_kernel_explainer_and_the_linear_closed_form():
+    import shap
+    net, X, y = _wine_net_and_rows()
+    background = X[120:130]
+    for target, output in ((1, "logit"), (2, "probability")):
+        f = A3.model_fn(net, output, target)
+        for x in X[140:143]:
+            mine = A3.kernel_shap(f, x, background, n_samples=2**13)          # 13 features: every coalition
+            ref = shap.KernelExplainer(f, background).shap_values(x, nsamples=2**13 - 2, l1_reg=False, silent=True)
+            scale = max(1.0, np.abs(ref).max())
+            np.testing.assert_allclose(mine["values"], ref, atol=1e-9 * scale, rtol=0)
+            assert abs(mine["values"].sum() - (mine["fx"] - mine["base"])) < 1e-9 * scale
+    # a linear model: phi_j = w_j (x_j - mean of the background's column j), with no library involved
+    gen = np.random.default_rng(0)
+    w, bg = gen.normal(size=9), gen.normal(size=(15, 9))
+    x = gen.normal(size=9)
+    got = A3.kernel_shap(lambda Z: Z @ w + 3.0, x, bg, n_samples=2**9)["values"]
+    np.testing.assert_allclose(got, w * (x - bg.mean(0)), atol=1e-10)
+
+
+def test_kernel_shap_sampled_agrees_with_shap_within_its_sampling_error():
+    import shap
+    net, X, y = _wine_net_and_rows(1)
+    f = A3.model_fn(net, "logit", 0)
+    background, x, budget, draws = X[120:136], X[150], 120, 8
+    exact = A3.kernel_shap(f, x, background, n_samples=2**13)["values"]
+    mine = np.stack([A3.kernel_shap(f, x, background, budget, seed=s)["values"] for s in range(draws)])
+    explainer = shap.KernelExplainer(f, background)
+    theirs = []
+    for s in range(draws):
+        np.random.seed(s)                                   # shap samples from NumPy's global generator
+        theirs.append(explainer.shap_values(x, nsamples=budget, l1_reg=False, silent=True))
+    theirs = np.stack(theirs)
+    se = np.sqrt(mine.var(0, ddof=1) / draws + theirs.var(0, ddof=1) / draws) + 1e-9
+    z = np.abs(mine.mean(0) - theirs.mean(0)) / se
+    assert z.max() < 4.5, f"mean estimates differ by {z.max():.1f} standard errors"
+    # both estimators are centred on the exact values, with errors of the same size
+    assert np.abs(mine.mean(0) - exact).max() < 4.5 * (mine.std(0, ddof=1).max() / math.sqrt(draws) + 1e-9)
+    ratio = mine.std(0, ddof=1).mean() / theirs.std(0, ddof=1).mean()
+    assert 0.5 < ratio < 2.0, f"sampling error {ratio:.2f}x shap's for the same budget"
+    sums = mine.sum(1) - (f(x[None])[0] - f(background).mean())
+    assert np.abs(sums).max() < 1e-8                          # additivity holds for every sampled estimate
+
+
+def test_lime_recovers_a_linear_function_and_fidelity_drops_on_a_curved_one():
+    gen = np.random.default_rng(2)
+    w, x, scale = gen.normal(size=6), gen.normal(size=6), np.array([0.5, 1, 2, 1, 3, 0.2])
+    out = A3.lime_explain(lambda Z: Z @ w - 1.0, x, scale, n_samples=500, alpha=1e-9, seed=0)
+    np.testing.assert_allclose(out["coef"], w * scale, atol=1e-6)    # per unit of scale
+    assert out["r2"] > 1 - 1e-9
+    curved = A3.lime_explain(lambda Z: np.sin(3 * Z[:, 0]) + Z[:, 1] ** 2, x, 1.0, n_samples=2000, seed=0)
+    assert curved["r2"] < 0.9
+    a = A3.lime_explain(lambda Z: Z @ w, x, 1.0, 300, seed=0)["coef"]
+    assert np.array_equal(a, A3.lime_explain(lambda Z: Z @ w, x, 1.0, 300, seed=0)["coef"])   # seeded
+
+
+def test_model_fn_logit_is_the_log_odds_of_the_probability_and_pruning_keeps_the_original():
+    net, X, y = _wine_net_and_rows(2)
+    p, z = A3.model_fn(net, "probability", 1)(X[:20]), A3.model_fn(net, "logit", 1)(X[:20])
+    np.testing.assert_allclose(z, np.log(p / (1 - p)), rtol=1e-4, atol=1e-4)
+    before = [q.detach().clone() for q in net.parameters()]
+    pruned = A3.prune_and_finetune(net, X[:120], y[:120], 0.8, epochs=2)
+    weights = torch.cat([m.weight.flatten() for m in pruned.modules() if isinstance(m, nn.Linear)])
+    assert abs(float((weights == 0).float().mean()) - 0.8) < 1e-3     # the mask survived fine-tuning
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_tensorboard_log_reads_back_as_the_history(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from sklearn.datasets import load_wine
+    X, y = load_wine(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(y))
+    X, y = (X[order] - X.mean(0)) / X.std(0), y[order]
+    _, hist = A3.train_net(X[:100], y[:100], epochs=4, val=(X[100:], y[100:]),
+                           callbacks=[A3.TensorBoardLog(tmp_path / "run")], device="cpu")
+    logged = A3.read_scalars(tmp_path / "run")
+    for tag in ("train_loss", "val_loss", "val_acc", "lr"):
+        got = logged[logged.tag == tag].sort_values("step")
+        assert list(got.step) == [1, 2, 3, 4]
+        np.testing.assert_allclose(got.value, hist[tag], rtol=1e-6)
+    histograms = EventAccumulator(str(tmp_path / "run")).Reload().Tags()["histograms"]
+    assert {"0.weight", "0.bias", "4.weight"} <= set(histograms)

@@ -623,3 +623,73 @@ def test_ch14_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
         return C14.precision_at_1(torch.as_tensor(dist), labels)
     for wrong in (with_self, p_at_1, farthest_first, chapter_precision):
         assert status(C14.check_mean_average_precision, wrong) == "failed"
+
+
+# chapter 03, exercise 1: exact Shapley values from a table of coalition worths --------------------------------------
+
+from dlopt_labs.explain import agnostic as A3
+
+
+def test_ch03_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def by_subsets(v):                                  # vectorised over coalitions, not over orders
+        v = np.asarray(v, float); M = int(np.log2(len(v)))
+        masks = np.arange(len(v)); sizes = np.array([bin(m).count("1") for m in masks])
+        weight = np.array([math.factorial(s) * math.factorial(M - s - 1) / math.factorial(M) if s < M else 0.0
+                           for s in sizes])
+        return np.array([np.sum(weight * ((masks >> j & 1) == 0) * (v[masks | 1 << j] - v)) for j in range(M)])
+    assert status(A3.check_shapley_values, by_subsets) == "passed"
+    def banzhaf(v):                                     # every coalition weighted equally
+        v = np.asarray(v, float); M = int(np.log2(len(v)))
+        return np.array([np.mean([v[m | 1 << j] - v[m] for m in range(len(v)) if not m >> j & 1]) for j in range(M)])
+    def last_in_only(v):                                # the contribution of joining the other M-1 only
+        v = np.asarray(v, float); M = int(np.log2(len(v))); full = len(v) - 1
+        return np.array([v[full] - v[full ^ 1 << j] for j in range(M)])
+    def first_in_only(v):                               # joining the empty coalition only
+        v = np.asarray(v, float); M = int(np.log2(len(v)))
+        return np.array([v[1 << j] - v[0] for j in range(M)])
+    def bits_reversed(v):                               # player j read from the wrong end of the mask
+        return by_subsets(v)[::-1]
+    chapter_kernel = lambda v: A3.kernel_shap(lambda X: X.sum(1), np.asarray(v, float),
+                                              np.zeros((1, len(v))))["values"]
+    for wrong in (banzhaf, last_in_only, first_in_only, bits_reversed, chapter_kernel):
+        assert status(A3.check_shapley_values, wrong) == "failed"
+
+
+# chapter 03, exercise 2: drop-column importance ---------------------------------------------------------------------
+
+def test_ch03_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    from sklearn.base import clone
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    def by_delete(X_train, y_train, X_test, y_test):
+        base = LogisticRegression(max_iter=5000)
+        def nll(Xa, Xb):
+            m = clone(base).fit(Xa, y_train)
+            return log_loss(y_test, m.predict_proba(Xb))
+        full = nll(X_train, X_test)
+        return [nll(np.delete(X_train, j, 1), np.delete(X_test, j, 1)) - full for j in range(X_train.shape[1])]
+    assert status(A3.check_drop_column_importance, by_delete) == "passed"
+
+    def permuted(X_train, y_train, X_test, y_test):     # the chapter's permutation importance on the same model
+        m = LogisticRegression(max_iter=5000).fit(X_train, y_train)
+        score = lambda X, y: -log_loss(y, m.predict_proba(X))
+        return A3.permutation_importance(score, X_test, y_test, 5, 0)["importances_mean"]
+    def on_training_rows(X_train, y_train, X_test, y_test):
+        return by_delete(X_train, y_train, X_train, y_train)
+    def accuracy_drop(X_train, y_train, X_test, y_test):
+        def acc(cols):
+            m = LogisticRegression(max_iter=5000).fit(X_train[:, cols], y_train)
+            return m.score(X_test[:, cols], y_test)
+        allc = list(range(X_train.shape[1]))
+        return [acc(allc) - acc([c for c in allc if c != j]) for j in allc]
+    def zeroed_not_refitted(X_train, y_train, X_test, y_test):   # the column set to 0, the model kept
+        m = LogisticRegression(max_iter=5000).fit(X_train, y_train)
+        full = log_loss(y_test, m.predict_proba(X_test))
+        out = []
+        for j in range(X_train.shape[1]):
+            Z = X_test.copy(); Z[:, j] = 0
+            out.append(log_loss(y_test, m.predict_proba(Z)) - full)
+        return out
+    for wrong in (permuted, on_training_rows, accuracy_drop, zeroed_not_refitted):
+        assert status(A3.check_drop_column_importance, wrong) == "failed"
