@@ -350,10 +350,21 @@ def test_chapter03_refuses_bad_settings(tmp_path):
     assert _raises(A.lime_explain, f, np.zeros(3), np.array([1.0, 0.0, 1.0])) == (
         "ValueError", "scale must be positive for every feature: pass the training standard deviations")
     assert _raises(A.tabular_net, 4, 2, activation="swish") == (
-        "ValueError", "activation must be one of ['gelu', 'relu', 'sigmoid', 'tanh'], got 'swish'; "
+        "ValueError", "activation must be one of ['elu', 'gelu', 'relu', 'sigmoid', 'silu', 'tanh'], got 'swish'; "
         "add a new one to ACTIVATIONS first")
     assert _raises(A.mean_interval, [0.1], "lead") == (
         "ValueError", "an interval needs at least 2 seeds, got 1: raise SEEDS")
     assert _raises(A.read_scalars, tmp_path / "nothing") == (
         "FileNotFoundError", f"no TensorBoard log folder at {tmp_path / 'nothing'}: train with TensorBoardLog first")
     assert _raises(A.model_fn, None, "odds") == ("ValueError", "output must be 'probability' or 'logit', got 'odds'")
+    assert _raises(A.model_fn, A.tabular_net(4, 2), "logit", -1) == (
+        "ValueError", "target must be a class index from 0 to 1, got -1")
+    assert _raises(A.kernel_shap, lambda X: np.c_[X[:, 0], X[:, 1]], np.zeros(3), np.zeros((4, 3))) == (
+        "ValueError", "f must return one number per row, shape (4,), got (4, 2): explain one output, "
+        "e.g. lambda X: model.predict_proba(X)[:, 1]")
+    assert _raises(A.lime_explain, f, np.zeros((1, 3)), 1.0) == (
+        "ValueError", "x must be one row of shape (M,), got (1, 3): explain rows one at a time")
+    assert _raises(A.lime_explain, f, np.zeros(3), np.ones(2)) == (
+        "ValueError", "scale must be one number or one per feature (3), got (2,)")
+    assert _raises(A.train_net, np.zeros((4, 2)), np.array([0.0, 1.0, 0.0, 1.0])) == (
+        "ValueError", "y must hold integer class labels 0, 1, ..., got float64 values: use y.astype(int)")

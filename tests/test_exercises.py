@@ -625,34 +625,67 @@ def test_ch14_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
         assert status(C14.check_mean_average_precision, wrong) == "failed"
 
 
-# chapter 03, exercise 1: exact Shapley values from a table of coalition worths --------------------------------------
+# chapter 03, exercise 1: the Shapley interaction index from a table of coalition worths -----------------------------
 
 from dlopt_labs.explain import agnostic as A3
 
 
+def _interactions_by_orders(v):
+    """A different correct route: average over every order of the players of the joint-arrival gain, as the pair's
+    discrete second derivative in the context of the players before both (equal to the index's weights)."""
+    import itertools
+    v = np.asarray(v, float); M = int(np.log2(len(v)))
+    out = np.zeros((M, M))
+    for i in range(M):
+        for j in range(M):
+            if i == j: continue
+            others = [k for k in range(M) if k not in (i, j)]
+            total, count = 0.0, 0
+            for order in itertools.permutations(others + [-1]):       # -1 marks where the pair arrives, together
+                S = 0
+                for k in order:
+                    if k == -1: break
+                    S |= 1 << k
+                total += v[S | 1 << i | 1 << j] - v[S | 1 << i] - v[S | 1 << j] + v[S]; count += 1
+            out[i, j] = total / count
+    return out
+
+
 def test_ch03_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
-    def by_subsets(v):                                  # vectorised over coalitions, not over orders
+    assert status(A3.check_shapley_interactions, _interactions_by_orders) == "passed"
+    def empty_context(v):                               # only v({i, j}) - v({i}) - v({j}) + v({})
+        v = np.asarray(v, float); M = int(np.log2(len(v))); out = np.zeros((M, M))
+        for i in range(M):
+            for j in range(M):
+                if i != j: out[i, j] = v[1 << i | 1 << j] - v[1 << i] - v[1 << j] + v[0]
+        return out
+    def banzhaf(v):                                     # every context weighted equally
+        v = np.asarray(v, float); M = int(np.log2(len(v))); out = np.zeros((M, M))
+        for i in range(M):
+            for j in range(M):
+                if i == j: continue
+                gains = [v[m | 1 << i | 1 << j] - v[m | 1 << i] - v[m | 1 << j] + v[m]
+                         for m in range(len(v)) if not m & (1 << i | 1 << j)]
+                out[i, j] = np.mean(gains)
+        return out
+    def shapley_weights(v):                             # the Shapley value's weights |S|!(M-|S|-1)!/M! by mistake
+        v = np.asarray(v, float); M = int(np.log2(len(v))); out = np.zeros((M, M))
+        for i in range(M):
+            for j in range(M):
+                if i == j: continue
+                for m in range(len(v)):
+                    if m & (1 << i | 1 << j): continue
+                    s = bin(m).count("1")
+                    w = math.factorial(s) * math.factorial(M - s - 1) / math.factorial(M)
+                    out[i, j] += w * (v[m | 1 << i | 1 << j] - v[m | 1 << i] - v[m | 1 << j] + v[m])
+        return out
+    def kernel_shap_outer(v):                           # the chapter's KernelSHAP on the game, as an outer product
         v = np.asarray(v, float); M = int(np.log2(len(v)))
-        masks = np.arange(len(v)); sizes = np.array([bin(m).count("1") for m in masks])
-        weight = np.array([math.factorial(s) * math.factorial(M - s - 1) / math.factorial(M) if s < M else 0.0
-                           for s in sizes])
-        return np.array([np.sum(weight * ((masks >> j & 1) == 0) * (v[masks | 1 << j] - v)) for j in range(M)])
-    assert status(A3.check_shapley_values, by_subsets) == "passed"
-    def banzhaf(v):                                     # every coalition weighted equally
-        v = np.asarray(v, float); M = int(np.log2(len(v)))
-        return np.array([np.mean([v[m | 1 << j] - v[m] for m in range(len(v)) if not m >> j & 1]) for j in range(M)])
-    def last_in_only(v):                                # the contribution of joining the other M-1 only
-        v = np.asarray(v, float); M = int(np.log2(len(v))); full = len(v) - 1
-        return np.array([v[full] - v[full ^ 1 << j] for j in range(M)])
-    def first_in_only(v):                               # joining the empty coalition only
-        v = np.asarray(v, float); M = int(np.log2(len(v)))
-        return np.array([v[1 << j] - v[0] for j in range(M)])
-    def bits_reversed(v):                               # player j read from the wrong end of the mask
-        return by_subsets(v)[::-1]
-    chapter_kernel = lambda v: A3.kernel_shap(lambda X: X.sum(1), np.asarray(v, float),
-                                              np.zeros((1, len(v))))["values"]
-    for wrong in (banzhaf, last_in_only, first_in_only, bits_reversed, chapter_kernel):
-        assert status(A3.check_shapley_values, wrong) == "failed"
+        f = lambda X: v[(np.rint(X).astype(int) << np.arange(M)).sum(1)]
+        phi = A3.kernel_shap(f, np.ones(M), np.zeros((1, M)), n_samples=2**M)["values"]
+        out = np.outer(phi, phi); np.fill_diagonal(out, 0); return out
+    for wrong in (empty_context, banzhaf, shapley_weights, kernel_shap_outer):
+        assert status(A3.check_shapley_interactions, wrong) == "failed"
 
 
 # chapter 03, exercise 2: drop-column importance ---------------------------------------------------------------------
