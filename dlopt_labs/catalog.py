@@ -107,6 +107,8 @@ CATALOG: tuple[Entry, ...] = (
           reference='scikit-learn `cross_validate` with a `Pipeline`, `roc_auc_score`.'),
     Entry(10, 'explain', 'saliency', 'Saliency, Grad-CAM, Integrated Gradients', '如何提高深度学习模型的解释性？',
           teaches='Gradient saliency, Integrated Gradients (completeness gap shrinking with steps), Grad-CAM, occlusion, on `shapes` where the true object mask is known: attribution mass inside the mask.',
+          claims=(('grad-cam-improves-explanations', 'Grad-CAM improves on plain gradient explanations'),
+                  ('combining-explanation-methods-helps', 'combining different explanation methods improves explanations')),
           reference='`captum.attr.IntegratedGradients`, `Saliency`, `LayerGradCam`.',
           pitfall='in-place ReLU breaks hooks; baseline choice.'),
     Entry(11, 'explain', 'visualise', 'Visualising data and training', '如何提高深度学习模型的可视化效果？',

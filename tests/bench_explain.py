@@ -1,4 +1,4 @@
-"""`make bench`: chapter 03's explainers against the reference libraries, same inputs and settings, side by side.
+"""`make bench`: chapters 03 and 10's explainers against the reference libraries, same inputs and settings, side by side.
 
 - KernelSHAP: `agnostic.kernel_shap` and `shap.KernelExplainer(...).shap_values(l1_reg=False)` explain one row of the
   breast-cancer table (30 features) for the same network (its logit), background (32 rows) and number of coalitions
@@ -6,6 +6,9 @@
 - Permutation importance: `agnostic.permutation_importance` and `sklearn.inspection.permutation_importance` on the same
   fitted logistic regression, rows, seed and repeats (10); the importances are asserted equal first. Goal: at most
   1.2x scikit-learn's time.
+- Integrated Gradients (chapter 10): `saliency.integrated_gradients` and `captum.attr.IntegratedGradients` on the same
+  CNN, 16 images of `shapes`, black baseline, 50 Gauss-Legendre steps, all steps in one batch; the attributions are
+  asserted equal (1e-5 relative) first. Goal: at most 1.2x captum's time.
 Times come from interleaved rounds with an A/A noise band (`measure.compare_speed`); a goal is judged met only when the
 ratio's interval clears it widened by the noise band. Not collected by pytest.
 """
@@ -56,7 +59,24 @@ def main():
          "ours": lambda: A.permutation_importance(model.score, X, y, 10, 0)}, rounds=15, repeats=3, warmup=2)
     rows.append(("permutation importance, 30 features x 10 repeats", "scikit-learn",
                  *judge(perm_cmp, "ours", 1.2), 1.2))
-    print(f"chapter 03's explainers against their references: same inputs and settings, interleaved rounds, "
+    from captum.attr import IntegratedGradients
+    from dlopt_labs.explain import saliency as S
+    from dlopt_labs.models import SmallCNN
+    torch.manual_seed(0)
+    cnn = SmallCNN(1, 4, widths=(16, 32, 32)).eval()
+    ds = load("shapes")
+    images = torch.as_tensor(ds.X[:16]).reshape(-1, 1, 32, 32)
+    targets = torch.as_tensor(ds.y[:16])
+    ig = IntegratedGradients(cnn)
+    ours_ig = S.integrated_gradients(cnn, images, targets, 0.0, 50)
+    theirs_ig = ig.attribute(images, baselines=0.0, target=targets, n_steps=50)
+    assert float((ours_ig - theirs_ig).abs().max() / theirs_ig.abs().max()) < 1e-5
+    ig_cmp = compare_speed(
+        {"captum": lambda: ig.attribute(images, baselines=0.0, target=targets, n_steps=50),
+         "ours": lambda: S.integrated_gradients(cnn, images, targets, 0.0, 50)}, rounds=9, repeats=3, warmup=2)
+    rows.append(("Integrated Gradients, SmallCNN, 16 images 32x32, 50 steps", "captum",
+                 *judge(ig_cmp, "ours", 1.2), 1.2))
+    print(f"chapters 03 and 10's explainers against their references: same inputs and settings, interleaved rounds, "
           f"{torch.get_num_threads()} thread(s)")
     print(f"{'case':<64} {'reference':>12} {'time ratio':>10} {'95% interval':>16} {'A/A noise':>10} {'goal':>6}")
     for case, ref, ratio, lo, hi, noise, verdict, goal in rows:

@@ -368,3 +368,28 @@ def test_chapter03_refuses_bad_settings(tmp_path):
         "ValueError", "scale must be one number or one per feature (3), got (2,)")
     assert _raises(A.train_net, np.zeros((4, 2)), np.array([0.0, 1.0, 0.0, 1.0])) == (
         "ValueError", "y must hold integer class labels 0, 1, ..., got float64 values: use y.astype(int)")
+
+
+def test_chapter10_refuses_bad_settings():
+    """Chapter 10's functions that take a learner's data or settings: one line naming the problem and the fix."""
+    import numpy as np
+    import torch
+    from dlopt_labs.explain import saliency as S
+    from dlopt_labs.models import SmallCNN
+    model, x = SmallCNN(1, 4, widths=(4,)).eval(), torch.rand(3, 1, 8, 8)
+    assert _raises(S.saliency, model, torch.rand(1, 8, 8), 0) == (
+        "ValueError", "x must be a batch of images (N, C, H, W), got (1, 8, 8): add a batch axis")
+    assert _raises(S.integrated_gradients, model, x, [0, 1]) == (
+        "ValueError", "give one target per image (3) or one for all, got 2")
+    assert _raises(S.integrated_gradients, model, x, 0, steps=0) == ("ValueError", "steps must be >= 1, got 0")
+    assert _raises(S.path_points, 10, "trapezoid") == (
+        "ValueError", "method must be 'gausslegendre' or one of ['riemann_left', 'riemann_middle', 'riemann_right'], "
+        "got 'trapezoid'")
+    assert _raises(S.occlusion, model, x, 0, window=9) == (
+        "ValueError", "need 1 <= window <= 8 and stride >= 1, got 9 and 2")
+    assert _raises(S.mass_in_mask, torch.rand(3, 1, 4, 4), np.zeros((3, 8, 8), bool)) == (
+        "ValueError", "attributions (3, 4, 4) and masks (3, 8, 8) must match per pixel: upsample a Grad-CAM map "
+        "first (grad_cam(..., size=(H, W)))")
+    other = SmallCNN(1, 4, widths=(4,))
+    assert _raises(S.grad_cam, model, other.features[0], x, 0) == (
+        "ValueError", "the layer was not called in the forward pass: pass a module of this model")

@@ -726,3 +726,58 @@ def test_ch03_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
         return out
     for wrong in (permuted, on_training_rows, accuracy_drop, zeroed_not_refitted):
         assert status(A3.check_drop_column_importance, wrong) == "failed"
+
+
+# chapter 10, exercise 1: Grad-CAM++ ----------------------------------------------------------------------------------
+
+from dlopt_labs.explain import saliency as S10
+
+
+def test_ch10_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def by_torch(acts, grads):
+        A, G = torch.as_tensor(acts), torch.as_tensor(grads)
+        den = 2 * G**2 + A.sum((1, 2), keepdim=True) * G**3
+        alpha = torch.where(den != 0, G**2 / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(G))
+        w = (alpha * G.clamp(min=0)).sum((1, 2))
+        return torch.relu(torch.einsum("k,khw->hw", w, A)).numpy()
+    assert status(S10.check_grad_cam_pp, by_torch) == "passed"
+    def plain_grad_cam(acts, grads):                    # the chapter's Grad-CAM weights
+        return np.maximum(np.tensordot(grads.mean((1, 2)), acts, axes=1), 0)
+    def no_relu_on_grads(acts, grads):
+        den = 2 * grads**2 + acts.sum((1, 2), keepdims=True) * grads**3
+        alpha = np.divide(grads**2, den, out=np.zeros_like(grads), where=den != 0)
+        return np.maximum(np.tensordot((alpha * grads).sum((1, 2)), acts, axes=1), 0)
+    def nan_at_zero(acts, grads):                       # 0/0 left as NaN
+        with np.errstate(all="ignore"):
+            alpha = grads**2 / (2 * grads**2 + acts.sum((1, 2), keepdims=True) * grads**3)
+        return np.maximum(np.tensordot((alpha * np.maximum(grads, 0)).sum((1, 2)), acts, axes=1), 0)
+    def no_final_relu(acts, grads):
+        den = 2 * grads**2 + acts.sum((1, 2), keepdims=True) * grads**3
+        alpha = np.divide(grads**2, den, out=np.zeros_like(grads), where=den != 0)
+        return np.tensordot((alpha * np.maximum(grads, 0)).sum((1, 2)) - 1.0, acts, axes=1)
+    for wrong in (plain_grad_cam, no_relu_on_grads, nan_at_zero, no_final_relu):
+        assert status(S10.check_grad_cam_pp, wrong) == "failed"
+
+
+# chapter 10, exercise 2: relevance rank accuracy ---------------------------------------------------------------------
+
+def test_ch10_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def by_partition(attributions, masks):
+        A, M = attributions.reshape(len(attributions), -1), masks.reshape(len(masks), -1)
+        out = []
+        for a, m in zip(A, M):
+            k = int(m.sum())
+            threshold = np.sort(a)[::-1][k - 1]
+            out.append(m[a >= threshold].sum() / k)
+        return out
+    assert status(S10.check_rank_accuracy, by_partition) == "passed"
+    def by_magnitude(attributions, masks):
+        A, M = np.abs(attributions).reshape(len(attributions), -1), masks.reshape(len(masks), -1)
+        return [m[np.argsort(-a)[: int(m.sum())]].mean() for a, m in zip(A, M)]
+    def chapter_mass(attributions, masks):             # the chapter's mass on the object
+        return S10.mass_in_mask(torch.as_tensor(attributions), masks).numpy()
+    def fixed_k(attributions, masks):                   # the top 5 pixels whatever the object's size
+        A, M = attributions.reshape(len(attributions), -1), masks.reshape(len(masks), -1)
+        return [m[np.argsort(-a)[:5]].mean() for a, m in zip(A, M)]
+    for wrong in (by_magnitude, chapter_mass, fixed_k):
+        assert status(S10.check_rank_accuracy, wrong) == "failed"
