@@ -393,3 +393,14 @@ def test_chapter10_refuses_bad_settings():
     other = SmallCNN(1, 4, widths=(4,))
     assert _raises(S.grad_cam, model, other.features[0], x, 0) == (
         "ValueError", "the layer was not called in the forward pass: pass a module of this model")
+    assert _raises(S.saliency, other, x, 0) == (
+        "ValueError", "the model is in training mode (BatchNorm would use and update batch statistics): "
+        "call model.eval() first")
+    assert _raises(S.integrated_gradients, model, x, 7) == (
+        "ValueError", "targets must be class indices from 0 to 3, got 7 to 7")
+    assert _raises(S.integrated_gradients, model, x, 0, torch.zeros(2, 1, 8, 8)) == (
+        "ValueError", "baseline must be a number or broadcast to the images (3, 1, 8, 8), got (2, 1, 8, 8)")
+    assert _raises(S.combine, [torch.rand(3, 1, 8, 8)], "median") == (
+        "ValueError", "rule must be 'mean' or 'product', got 'median'")
+    assert _raises(S.try_saliency, model, model.features[2], x, np.zeros((3, 8, 8), bool), 0, "saliency", 8,
+                   "zeros") == ("ValueError", "baseline must be 'black', 'mean' or 'noise', got 'zeros'")

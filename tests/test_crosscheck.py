@@ -753,6 +753,8 @@ def test_integrated_gradients_equal_captum(method, steps, baseline):
     mine = S10.integrated_gradients(model, x, y, baseline, steps, method)
     ref = IntegratedGradients(model).attribute(x, baselines=baseline, target=y, n_steps=steps, method=method)
     assert float((mine - ref).abs().max() / ref.abs().max()) < 1e-5
+    chunked = S10.integrated_gradients(model, x, y, baseline, steps, method, chunk=25)   # 2 path points a pass
+    torch.testing.assert_close(chunked, mine, rtol=1e-9, atol=1e-12)
     gap = S10.completeness_gap(model, x, y, mine, baseline)
     _, delta = IntegratedGradients(model).attribute(x, baselines=baseline, target=y, n_steps=steps, method=method,
                                                     return_convergence_delta=True)
@@ -766,6 +768,8 @@ def test_saliency_grad_cam_and_occlusion_equal_captum():
     for layer in (model.features[2], model.features[6]):      # after each block's ReLU: 16x16 and 8x8
         ref = LayerGradCam(model, layer).attribute(x, target=y, relu_attributions=True)
         torch.testing.assert_close(S10.grad_cam(model, layer, x, y), ref, rtol=1e-12, atol=1e-15)
+        up = LayerGradCam.interpolate(ref, (16, 16), interpolate_mode="bilinear")
+        torch.testing.assert_close(S10.grad_cam(model, layer, x, y, size=(16, 16)), up, rtol=1e-12, atol=1e-15)
     for window, stride, fill in ((4, 2, 0.0), (3, 3, 0.5), (5, 1, 0.0)):
         ref = Occlusion(model).attribute(x, sliding_window_shapes=(1, window, window), strides=(1, stride, stride),
                                          baselines=fill, target=y)

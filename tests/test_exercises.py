@@ -762,15 +762,18 @@ def test_ch10_exercise1_accepts_a_different_correct_solution_and_refuses_likely_
 # chapter 10, exercise 2: relevance rank accuracy ---------------------------------------------------------------------
 
 def test_ch10_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
-    def by_partition(attributions, masks):
+    def by_lexsort(attributions, masks):               # value descending, then pixel index ascending
         A, M = attributions.reshape(len(attributions), -1), masks.reshape(len(masks), -1)
         out = []
         for a, m in zip(A, M):
             k = int(m.sum())
-            threshold = np.sort(a)[::-1][k - 1]
-            out.append(m[a >= threshold].sum() / k)
+            order = np.lexsort((np.arange(len(a)), -a))[:k]
+            out.append(m[order].sum() / k)
         return out
-    assert status(S10.check_rank_accuracy, by_partition) == "passed"
+    assert status(S10.check_rank_accuracy, by_lexsort) == "passed"
+    def ties_counted_whole(attributions, masks):       # every pixel tied at the K-th value counted in
+        A, M = attributions.reshape(len(attributions), -1), masks.reshape(len(masks), -1)
+        return [m[a >= np.sort(a)[::-1][int(m.sum()) - 1]].sum() / m.sum() for a, m in zip(A, M)]
     def by_magnitude(attributions, masks):
         A, M = np.abs(attributions).reshape(len(attributions), -1), masks.reshape(len(masks), -1)
         return [m[np.argsort(-a)[: int(m.sum())]].mean() for a, m in zip(A, M)]
@@ -779,5 +782,5 @@ def test_ch10_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
     def fixed_k(attributions, masks):                   # the top 5 pixels whatever the object's size
         A, M = attributions.reshape(len(attributions), -1), masks.reshape(len(masks), -1)
         return [m[np.argsort(-a)[:5]].mean() for a, m in zip(A, M)]
-    for wrong in (by_magnitude, chapter_mass, fixed_k):
+    for wrong in (by_magnitude, chapter_mass, fixed_k, ties_counted_whole):
         assert status(S10.check_rank_accuracy, wrong) == "failed"
