@@ -161,6 +161,8 @@ CATALOG: tuple[Entry, ...] = (
           pitfall='`score_samples` sign.'),
     Entry(22, 'explain', 'glassbox', 'Interpretable models', '如何提高深度学习模型的解释性？',
           teaches='Decision trees and sparse linear models against the network; a global surrogate tree mimicking the network, with fidelity against depth (fidelity is not accuracy).',
+          claims=(('interpretable-models-match-the-network', 'an interpretable model (a decision tree or a sparse linear model) is as accurate as the network'),
+                  ('a-simple-surrogate-explains-the-network', 'a simplified model reproduces the network\'s decisions')),
           reference='scikit-learn `DecisionTreeClassifier`, L1 `LogisticRegression`.',
           pitfall='fidelity on training data; unscaled coefficients.'),
     Entry(23, 'explain', 'embed', 'Feature and embedding visualisation', '如何提高深度学习模型的可视化效果？',

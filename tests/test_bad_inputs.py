@@ -404,3 +404,21 @@ def test_chapter10_refuses_bad_settings():
         "ValueError", "rule must be 'mean' or 'product', got 'median'")
     assert _raises(S.try_saliency, model, model.features[2], x, np.zeros((3, 8, 8), bool), 0, "saliency", 8,
                    "zeros") == ("ValueError", "baseline must be 'black', 'mean' or 'noise', got 'zeros'")
+
+
+def test_chapter22_refuses_bad_settings():
+    """Chapter 22's functions that take a learner's data or settings: one line naming the problem and the fix."""
+    import numpy as np
+    from dlopt_labs.explain import glassbox as G
+    assert _raises(G.fit_tree, np.zeros((4, 2)), np.array([0, 1, 0])) == (
+        "ValueError", "X must be (rows, features) with one label per row, got (4, 2) and (3,)")
+    assert _raises(G.fit_tree, np.zeros((4, 2)), np.array([0.0, 1.0, 0.0, 1.0])) == (
+        "ValueError", "y must hold integer class labels 0, 1, ...: use y.astype(int)")
+    assert _raises(G.fit_tree, np.zeros((4, 2)), np.array([0, 1, 0, 1]), 2, 0) == (
+        "ValueError", "need max_depth >= 0 and min_samples_leaf >= 1, got 2, 0")
+    assert _raises(G.fit_sparse_logistic, np.zeros((4, 2)), np.array([0, 1, 2, 1])) == (
+        "ValueError", "y must be 0/1 labels, got values [0, 1, 2]")
+    assert _raises(G.fit_sparse_logistic, np.zeros((4, 2)), np.array([0, 1, 0, 1]), 0.0) == (
+        "ValueError", "C must be > 0, got 0.0")
+    assert _raises(G.fidelity, np.zeros(3), np.zeros(4)) == (
+        "ValueError", "compare predictions of the same rows, got shapes (3,) and (4,)")

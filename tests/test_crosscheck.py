@@ -788,3 +788,66 @@ def test_completeness_gap_shrinks_with_steps_and_scores_are_in_range():
     torch.testing.assert_close(everywhere, torch.as_tensor(M.reshape(12, -1).mean(1)))   # a flat map scores the area
     n = S10.normalised(torch.rand(3, 1, 5, 5))
     torch.testing.assert_close(n.flatten(1).sum(1), torch.ones(3))
+
+
+# chapter 22: scikit-learn DecisionTreeClassifier, L1 LogisticRegression ------------------------------------------------
+
+from dlopt_labs.explain import glassbox as G22
+
+
+def _gini_decrease(y, go_left):
+    def gini(v): return 1 - np.sum((np.bincount(v, minlength=3) / len(v)) ** 2)
+    return gini(y) - (go_left.sum() * gini(y[go_left]) + (~go_left).sum() * gini(y[~go_left])) / len(y)
+
+
+def _same_tree(ours, tree, X, y, rows=None, node=0):
+    """Node by node: the same feature and threshold at every split and the same class shares at every leaf; where
+    the two trees choose different splits, the splits must be equally good (a tie) on that node's rows."""
+    rows = np.arange(len(y)) if rows is None else rows
+    if tree.children_left[node] == -1:
+        share = tree.value[node][0] / tree.value[node][0].sum()             # fractions (or counts in older releases)
+        return ("feature" not in ours and ours["n"] == tree.n_node_samples[node]
+                and np.allclose(ours["counts"] / ours["n"], share, atol=1e-12))
+    if "feature" not in ours:
+        return False
+    j, t = tree.feature[node], tree.threshold[node]
+    if ours["feature"] != j or abs(ours["threshold"] - t) > 1e-9:
+        mine = _gini_decrease(y[rows], X[rows, ours["feature"]].astype(np.float32) <= ours["threshold"])
+        theirs = _gini_decrease(y[rows], X[rows, j].astype(np.float32) <= t)
+        return abs(mine - theirs) < 1e-12
+    left = X[rows, j].astype(np.float32) <= t
+    return (_same_tree(ours["left"], tree, X, y, rows[left], tree.children_left[node])
+            and _same_tree(ours["right"], tree, X, y, rows[~left], tree.children_right[node]))
+
+
+@pytest.mark.parametrize("depth,leaf", [(1, 1), (3, 1), (5, 2), (8, 4)])
+def test_fit_tree_grows_scikit_learns_tree_node_by_node(depth, leaf):
+    from sklearn.datasets import load_wine, load_iris
+    from sklearn.tree import DecisionTreeClassifier
+    for X, y in (load_wine(return_X_y=True), load_iris(return_X_y=True)):   # tables the chapter does not use
+        ours = G22.fit_tree(X, y, depth, leaf)
+        # scikit-learn breaks ties between equally good splits by a random feature order, ours by the lowest feature
+        # index: the trees agree node by node down to any tie, where both splits must be equally good
+        ref = DecisionTreeClassifier(max_depth=depth, min_samples_leaf=leaf, random_state=0).fit(X, y)
+        assert _same_tree(ours, ref.tree_, X, y)
+        if depth <= 3:                                      # no tie at these depths: the very same tree
+            assert G22.tree_leaves(ours) == ref.get_n_leaves()
+            np.testing.assert_array_equal(G22.predict_tree(ours, X), ref.predict(X))
+
+
+@pytest.mark.parametrize("C", [0.02, 0.2, 2.0])
+def test_sparse_logistic_reaches_scikit_learns_l1_objective(C):
+    import warnings
+    from sklearn.datasets import load_wine
+    from sklearn.linear_model import LogisticRegression
+    X, y = load_wine(return_X_y=True)
+    X, y = (X - X.mean(0)) / X.std(0), (y == 1).astype(int)          # class 1 against the rest
+    w, b = G22.fit_sparse_logistic(X, y, C)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = LogisticRegression(penalty="l1", solver="saga", C=C, tol=1e-12, max_iter=200000).fit(X, y)
+    ours_obj = G22.sparse_objective(X, y, w, b, C)
+    ref_obj = G22.sparse_objective(X, y, ref.coef_[0], ref.intercept_[0], C)
+    assert ours_obj <= ref_obj + 1e-6 * max(1.0, ref_obj)               # at least as low (relative 1e-6)
+    np.testing.assert_allclose(w, ref.coef_[0], atol=2e-3)              # the same solution (it is unique here)
+    assert set(np.flatnonzero(np.abs(w) > 1e-4)) == set(np.flatnonzero(np.abs(ref.coef_[0]) > 1e-4))

@@ -784,3 +784,57 @@ def test_ch10_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
         return [m[np.argsort(-a)[:5]].mean() for a, m in zip(A, M)]
     for wrong in (by_magnitude, chapter_mass, fixed_k, ties_counted_whole):
         assert status(S10.check_rank_accuracy, wrong) == "failed"
+
+
+# chapter 22, exercise 1: an entropy split ----------------------------------------------------------------------------
+
+from dlopt_labs.explain import glassbox as G22
+
+
+def test_ch22_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    from sklearn.tree import DecisionTreeClassifier
+    def by_sklearn(x, y):                               # a stump on entropy, its gain from the node impurities
+        t = DecisionTreeClassifier(criterion="log_loss", max_depth=1).fit(x[:, None], y).tree_
+        n = t.n_node_samples
+        gain = t.impurity[0] - (n[1] * t.impurity[1] + n[2] * t.impurity[2]) / n[0]
+        return t.threshold[0], gain
+    assert status(G22.check_entropy_split, by_sklearn) == "passed"
+    def gini_split(x, y):                               # the chapter's Gini split, its gain in Gini units
+        tree = G22.fit_tree(x[:, None], y, 1)
+        left = x <= tree["threshold"]
+        g = lambda v: 1 - np.sum((np.bincount(v) / len(v)) ** 2)
+        return tree["threshold"], g(y) - (left.sum() * g(y[left]) + (~left).sum() * g(y[~left])) / len(y)
+    def natural_log(x, y):                              # nats instead of bits
+        t, gain = by_sklearn(x, y)
+        return t, gain * np.log(2)
+    def at_a_value(x, y):                               # a threshold at a data value, not a midpoint
+        t, gain = by_sklearn(x, y)
+        return np.max(x[x <= t]), gain
+    for wrong in (gini_split, natural_log, at_a_value):
+        assert status(G22.check_entropy_split, wrong) == "failed"
+
+
+# chapter 22, exercise 2: average decision path length ----------------------------------------------------------------
+
+def test_ch22_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def recursive(left, right, n):
+        def walk(node, depth):
+            if left[node] == -1: return depth * n[node]
+            return walk(left[node], depth + 1) + walk(right[node], depth + 1)
+        return walk(0, 0) / n[0]
+    assert status(G22.check_path_length, recursive) == "passed"
+    def unweighted(left, right, n):                     # every leaf counted once, not by its rows
+        depth, leaves = {0: 0}, []
+        for node in range(len(left)):
+            if left[node] == -1: leaves.append(depth[node])
+            else: depth[left[node]] = depth[right[node]] = depth[node] + 1
+        return float(np.mean(leaves))
+    def max_depth(left, right, n):
+        depth = {0: 0}
+        for node in range(len(left)):
+            if left[node] != -1: depth[left[node]] = depth[right[node]] = depth[node] + 1
+        return float(max(depth.values()))
+    def log2_leaves(left, right, n):                    # the depth of a balanced tree with as many leaves
+        return float(np.log2(np.sum(np.asarray(left) == -1)))
+    for wrong in (unweighted, max_depth, log2_leaves):
+        assert status(G22.check_path_length, wrong) == "failed"
