@@ -420,5 +420,12 @@ def test_chapter22_refuses_bad_settings():
         "ValueError", "y must be 0/1 labels, got values [0, 1, 2]")
     assert _raises(G.fit_sparse_logistic, np.zeros((4, 2)), np.array([0, 1, 0, 1]), 0.0) == (
         "ValueError", "C must be > 0, got 0.0")
+    assert _raises(G.fit_tree, np.array([[0.0], [np.nan]]), np.array([0, 1])) == (
+        "ValueError", "X must have rows and no NaN or inf: impute or drop missing values first")
+    tree = G.fit_tree(np.arange(8.0).reshape(4, 2), np.array([0, 0, 1, 1]), 2)
+    assert _raises(G.predict_tree, tree, np.zeros((2, 3))) == (
+        "ValueError", "the tree was grown on 2 features, got rows of shape (2, 3)")
+    assert _raises(G.fit_sparse_logistic, np.zeros((4, 2)), np.array([0, 1, 0])) == (
+        "ValueError", "X must be (rows, features) with one label per row, got (4, 2) and (3,)")
     assert _raises(G.fidelity, np.zeros(3), np.zeros(4)) == (
         "ValueError", "compare predictions of the same rows, got shapes (3,) and (4,)")

@@ -793,25 +793,30 @@ from dlopt_labs.explain import glassbox as G22
 
 def test_ch22_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
     from sklearn.tree import DecisionTreeClassifier
-    def by_sklearn(x, y):                               # a stump on entropy, its gain from the node impurities
+    def by_loop(x, y):                                  # threshold by threshold, entropies from counts
+        def H(c):
+            p = np.asarray(c, float) / np.sum(c); p = p[p > 0]
+            return -(p * np.log2(p)).sum()
+        vals = np.unique(x); best = (None, -np.inf)
+        for t in (vals[:-1] + vals[1:]) / 2:
+            l, r = y[x <= t], y[x > t]
+            g = H(np.bincount(y)) - (len(l) * H(np.bincount(l)) + len(r) * H(np.bincount(r))) / len(y)
+            ratio = g / H([len(l), len(r)])
+            if ratio > best[1] + 1e-12: best = (t, ratio)
+        return best
+    assert status(G22.check_gain_ratio_split, by_loop) == "passed"
+    def information_gain(x, y):                         # ID3's criterion: scikit-learn's entropy stump
         t = DecisionTreeClassifier(criterion="log_loss", max_depth=1).fit(x[:, None], y).tree_
         n = t.n_node_samples
-        gain = t.impurity[0] - (n[1] * t.impurity[1] + n[2] * t.impurity[2]) / n[0]
-        return t.threshold[0], gain
-    assert status(G22.check_entropy_split, by_sklearn) == "passed"
-    def gini_split(x, y):                               # the chapter's Gini split, its gain in Gini units
+        return t.threshold[0], t.impurity[0] - (n[1] * t.impurity[1] + n[2] * t.impurity[2]) / n[0]
+    def gini_split(x, y):                               # the chapter's tree, its threshold
         tree = G22.fit_tree(x[:, None], y, 1)
-        left = x <= tree["threshold"]
-        g = lambda v: 1 - np.sum((np.bincount(v) / len(v)) ** 2)
-        return tree["threshold"], g(y) - (left.sum() * g(y[left]) + (~left).sum() * g(y[~left])) / len(y)
-    def natural_log(x, y):                              # nats instead of bits
-        t, gain = by_sklearn(x, y)
-        return t, gain * np.log(2)
-    def at_a_value(x, y):                               # a threshold at a data value, not a midpoint
-        t, gain = by_sklearn(x, y)
-        return np.max(x[x <= t]), gain
-    for wrong in (gini_split, natural_log, at_a_value):
-        assert status(G22.check_entropy_split, wrong) == "failed"
+        return tree["threshold"], by_loop(x, y)[1]
+    def natural_log(x, y):                              # the ratio is unit-free: its value survives, but
+        t, r = by_loop(x, y)                            # a threshold at a data value does not
+        return np.max(x[x <= t]), r
+    for wrong in (information_gain, gini_split, natural_log):
+        assert status(G22.check_gain_ratio_split, wrong) == "failed"
 
 
 # chapter 22, exercise 2: average decision path length ----------------------------------------------------------------
