@@ -429,3 +429,54 @@ def test_chapter22_refuses_bad_settings():
         "ValueError", "X must be (rows, features) with one label per row, got (4, 2) and (3,)")
     assert _raises(G.fidelity, np.zeros(3), np.zeros(4)) == (
         "ValueError", "compare predictions of the same rows, got shapes (3,) and (4,)")
+
+
+def test_chapter30_refuses_bad_settings(tmp_path):
+    """Chapter 30's functions that take a learner's data or settings: one line naming the problem and the fix."""
+    import numpy as np
+    import torch
+    from torch import nn
+    from dlopt_labs.explain import evaluate as E
+    from dlopt_labs.lab import Record
+    from dlopt_labs.models import SmallCNN
+    model, x = SmallCNN(1, 4, widths=(4,)).eval(), torch.rand(3, 1, 8, 8)
+    assert _raises(E.all_maps, model, "features.9", x, 0) == (
+        "ValueError", "the model has no module named 'features.9': name one of its conv or ReLU layers, the last "
+        "ones being ['features.0', 'features.2'] (see model.named_modules())")
+    functional = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 4)).eval()
+    assert _raises(E.guided_backprop, functional, x, 0) == (
+        "ValueError", "the model has no nn.ReLU module to guide (a functional F.relu cannot be hooked): use "
+        "nn.ReLU modules")
+    inplace = SmallCNN(1, 4, widths=(4,)).eval()
+    inplace.features[2].inplace = True
+    assert _raises(E.guided_backprop, inplace, x, 0) == (
+        "ValueError", "the model has an in-place ReLU, which a backward hook refuses: set inplace=False on its "
+        "nn.ReLU modules")
+    assert _raises(E.rank_similarity, torch.rand(3, 1, 8, 8), torch.rand(3, 1, 4, 4)) == (
+        "ValueError", "the maps must have the same pixels, got (3, 64) and (3, 16): upsample a Grad-CAM map to "
+        "the image size first")
+    assert _raises(E.perturbation_curves, model, x, 0, torch.zeros(3, 10, dtype=torch.long)) == (
+        "ValueError", "order must hold every pixel of every image, shape (3, 64), got (3, 10): use "
+        "pixel_order(attributions)")
+    assert _raises(E.perturbation_curves, model, x, 0, E.random_order(3, 64), 0) == (
+        "ValueError", "steps must be >= 1, got 0")
+    assert _raises(E.pointing_game, torch.rand(3, 1, 8, 8), np.zeros((3, 8, 8), bool), -1) == (
+        "ValueError", "tolerance is a number of pixels, >= 0, got -1")
+    assert _raises(E.infidelity, model, x, 0, torch.rand(3, 2, 8, 8), E.square_removal(4)) == (
+        "ValueError", "attributions (3, 2, 8, 8) must be shaped like the images (3, 1, 8, 8): expand a one-channel "
+        "map with .expand_as(x)")
+    assert _raises(E.infidelity, model, x, 0, torch.rand(3, 1, 8, 8), E.square_removal(9)) == (
+        "ValueError", "side must be between 1 and 8, got 9")
+    assert _raises(E.bootstrap_mean, [0.5]) == ("ValueError", "need at least 2 scores and n_boot >= 20, got 1 and 2000")
+    rec = Record(30, "smoke", 0, {}, path=tmp_path / "r.json")
+    maps = {"a": torch.rand(3, 1, 8, 8), "b": torch.rand(3, 1, 8, 8)}
+    assert _raises(E.ReaderRatings, x, maps, rec, images=[0, 5]) == (
+        "ValueError", "images must be indices from 0 to 2, got [5]")
+    panel = E.ReaderRatings(x, maps, rec, images=[0, 1])
+    assert _raises(panel.rate, 0, "a", 6) == (
+        "ValueError", "a rating is a whole number from 1 to 5 (0 takes it back), got 6")
+    assert _raises(panel.rate, 2, "a", 3) == ("ValueError", "image 2 is not on the panel, which shows [0, 1]")
+    assert _raises(panel.rate, 0, "c", 3) == ("ValueError", "method must be one of ['a', 'b'], got 'c'")
+    assert not (tmp_path / "r.json").exists()                   # nothing written by a refused rating
+    assert _raises(E.try_evaluation, model, "features.2", x, np.zeros((3, 8, 8), bool), 0, "saliency", "grey") == (
+        "ValueError", "fill must be one of ('black', 'mean', 'blur'), got 'grey'")

@@ -851,3 +851,109 @@ def test_sparse_logistic_reaches_scikit_learns_l1_objective(C):
     assert ours_obj <= ref_obj + 1e-6 * max(1.0, ref_obj)               # at least as low (relative 1e-6)
     np.testing.assert_allclose(w, ref.coef_[0], atol=2e-3)              # the same solution (it is unique here)
     assert set(np.flatnonzero(np.abs(w) > 1e-4)) == set(np.flatnonzero(np.abs(ref.coef_[0]) > 1e-4))
+
+
+# chapter 30: captum.metrics.infidelity, captum.attr.GuidedBackprop, scipy's Spearman; curves and pointing by loops -----
+
+from dlopt_labs.explain import evaluate as E30
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_infidelity_equals_captum(normalize):
+    """Same model, maps and perturbations (a fresh perturbation function with the same seed for each): within 1e-9
+    relative in float64. Square removal (binary perturbations) and Gaussian noise (real-valued ones)."""
+    from captum.metrics import infidelity
+    model, x, y, _ = _cnn_and_images(3)                       # 16x16 images, an untrained CNN: not the chapter's
+    attr = S10.integrated_gradients(model, x, y, 0.0, 8)
+    def noise(seed):
+        g = torch.Generator().manual_seed(seed)
+        def perturb(inputs):
+            I = 0.1 * torch.randn(inputs.shape, generator=g, dtype=inputs.dtype)
+            return I, inputs - I
+        return perturb
+    for make, n in ((lambda: E30.square_removal(5, 0.0, 7), 9), (lambda: E30.square_removal(3, 0.4, 1), 4),
+                    (lambda: noise(2), 6)):
+        mine = E30.infidelity(model, x, y, attr, make(), n, normalize)
+        ref = infidelity(model, make(), x, attr, target=y, n_perturb_samples=n, normalize=normalize)
+        torch.testing.assert_close(mine, ref, rtol=1e-9, atol=1e-12)
+    # the rescaled score is never worse than the raw one (the factor is the least-squares optimum)
+    raw = E30.infidelity(model, x, y, attr, E30.square_removal(5, 0.0, 7), 9, False)
+    best = E30.infidelity(model, x, y, attr, E30.square_removal(5, 0.0, 7), 9, True)
+    assert bool((best <= raw + 1e-12).all())
+
+
+def test_guided_backprop_equals_captum_and_leaves_no_hook():
+    from captum.attr import GuidedBackprop
+    model, x, y, _ = _cnn_and_images(4)
+    torch.testing.assert_close(E30.guided_backprop(model, x, y), GuidedBackprop(model).attribute(x, target=y),
+                               rtol=0, atol=0)
+    assert all(not m._backward_hooks for m in model.modules())           # the hooks are removed afterwards
+    torch.testing.assert_close(S10.saliency(model, x, y), S10.saliency(model, x, y))
+
+
+def test_rank_similarity_equals_scipy_spearman_with_ties():
+    from scipy.stats import spearmanr
+    model, x, y, _ = _cnn_and_images(5)
+    a, b = S10.gradient_x_input(model, x, y), S10.saliency(model, x, y)   # many exact zeros: ties
+    for absolute in (True, False):
+        got = E30.rank_similarity(a, b, absolute)
+        fa = (lambda m: m.abs()) if absolute else (lambda m: m)
+        want = [spearmanr(fa(a[i]).flatten().numpy(), fa(b[i]).flatten().numpy()).statistic for i in range(len(x))]
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    flat = torch.zeros_like(a)
+    assert (E30.rank_similarity(a, flat) == 0).all()                   # a constant map has nothing to rank
+
+
+def test_perturbation_curves_and_pointing_game_equal_loops():
+    model, x, y, M = _cnn_and_images(6)
+    x, y, M = x[:5], y[:5], M[:5]
+    attr = S10.saliency(model, x, y)
+    order = E30.pixel_order(attr, seed=3)
+    flat = attr.sum(1).flatten(1)
+    for i in range(5):                     # the order sorts the attributions, ties in any order
+        assert bool((flat[i, order[i][:-1]] >= flat[i, order[i][1:]]).all())
+    steps, fill = 7, 0.25
+    curves = E30.perturbation_curves(model, x, y, order, steps, fill, chunk=11)
+    for i in range(5):
+        for k in range(steps + 1):
+            n = round(k * 256 / steps)
+            gone = torch.zeros(256, dtype=torch.bool)
+            gone[order[i, :n]] = True
+            gone = gone.view(1, 1, 16, 16)
+            with torch.no_grad():
+                p_del = torch.softmax(model(torch.where(gone, fill, x[i : i + 1])), 1)[0, y[i]]
+                p_ins = torch.softmax(model(torch.where(gone, x[i : i + 1], fill)), 1)[0, y[i]]
+            assert float(abs(curves["deletion"][i, k] - p_del)) < 1e-12
+            assert float(abs(curves["insertion"][i, k] - p_ins)) < 1e-12
+    auc = E30.curve_auc(curves["deletion"])
+    np.testing.assert_allclose(auc, np.trapezoid(curves["deletion"].numpy(), dx=1 / steps, axis=1), rtol=1e-12)
+    for tol in (0, 1, 2):
+        def near(i, r, c):                 # within tol pixels of the object, diagonals included
+            return any(M[i, rr, cc] for rr in range(max(0, r - tol), min(16, r + tol + 1))
+                       for cc in range(max(0, c - tol), min(16, c + tol + 1)))
+        got = E30.pointing_game(attr, M, tol)
+        a = attr.sum(1)
+        for i in range(5):
+            tops = [(r, c) for r in range(16) for c in range(16) if a[i, r, c] == a[i].max()]
+            assert float(got[i]) == pytest.approx(np.mean([near(i, r, c) for r, c in tops]), abs=1e-12)
+        chance = E30.pointing_chance(M, tol)
+        want = [np.mean([near(i, r, c) for r in range(16) for c in range(16)]) for i in range(5)]
+        np.testing.assert_allclose(chance, want, rtol=1e-12)
+    assert float(E30.pointing_game(torch.ones(5, 1, 16, 16), M, 0)[0]) == pytest.approx(M[0].mean())  # a flat map
+
+
+def test_cascading_randomisation_is_cumulative_deterministic_and_leaves_the_model():
+    model, x, y, _ = _cnn_and_images(7)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = [(s, {k: v.clone() for k, v in m.state_dict().items()}) for s, m in E30.cascading_randomisation(model, 3)]
+    again = [(s, m.state_dict()) for s, m in E30.cascading_randomisation(model, 3)]
+    assert [s for s, _ in first] == ["trained", "up to head.2", "up to features.4", "up to features.0"]
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)                  # the trained model is untouched
+    for (_, a), (_, b) in zip(first, again):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)                # same seed, same random weights
+    changed = lambda state, k: not torch.equal(state[k], before[k])
+    weights = ["head.2.weight", "features.4.weight", "features.0.weight"]
+    for n, (_, state) in enumerate(first[1:], 1):
+        assert [changed(state, k) for k in weights] == [i < n for i in range(3)]  # cumulative, from the output back

@@ -843,3 +843,94 @@ def test_ch22_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
         return float(np.log2(np.sum(np.asarray(left) == -1)))
     for wrong in (unweighted, max_depth, log2_leaves):
         assert status(G22.check_path_length, wrong) == "failed"
+
+
+# chapter 30, exercise 1: filling removed pixels from their neighbours -------------------------------------------------
+
+from dlopt_labs.explain import evaluate as E30
+
+
+def test_ch30_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def gauss_seidel(image, removed):                  # sweeps until nothing moves, instead of a direct solve
+        out = np.where(removed, image.mean(), image).astype(float)
+        H, W = image.shape
+        for _ in range(20000):
+            moved = 0.0
+            for i, j in zip(*np.nonzero(removed)):
+                nb = [out[a, c] for a, c in ((i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1)) if 0 <= a < H and 0 <= c < W]
+                new = sum(nb) / len(nb)
+                moved, out[i, j] = max(moved, abs(new - out[i, j])), new
+            if moved < 1e-14:
+                break
+        return out
+    assert status(E30.check_neighbour_fill, gauss_seidel) == "passed"
+    def solve(image, removed, neighbours, outside_zero=False):
+        H, W = image.shape
+        idx = {p: k for k, p in enumerate(zip(*np.nonzero(removed)))}
+        A, b = np.zeros((len(idx), len(idx))), np.zeros(len(idx))
+        for (i, j), k in idx.items():
+            for di, dj in neighbours:
+                a, c = i + di, j + dj
+                if not (0 <= a < H and 0 <= c < W):
+                    A[k, k] += outside_zero
+                    continue
+                A[k, k] += 1
+                if (a, c) in idx: A[k, idx[(a, c)]] -= 1
+                else: b[k] += image[a, c]
+        out, v = image.astype(float).copy(), np.linalg.solve(A, b)
+        for (i, j), k in idx.items(): out[i, j] = v[k]
+        return out
+    four = ((-1, 0), (1, 0), (0, -1), (0, 1))
+    eight = four + ((-1, -1), (-1, 1), (1, -1), (1, 1))
+    def eight_neighbours(image, removed): return solve(image, removed, eight)
+    def zero_outside(image, removed): return solve(image, removed, four, outside_zero=True)
+    def kept_neighbours_once(image, removed):          # one pass over the kept neighbours, no system
+        out = image.astype(float).copy(); H, W = image.shape
+        for i, j in zip(*np.nonzero(removed)):
+            nb = [image[a, c] for a, c in ((i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1))
+                  if 0 <= a < H and 0 <= c < W and not removed[a, c]]
+            out[i, j] = np.mean(nb) if nb else image[~removed].mean()
+        return out
+    def image_mean(image, removed): return np.where(removed, image[~removed].mean(), image)
+    def chapter_blur(image, removed):                  # the chapter's blurred fill
+        smooth = E30.blurred(torch.as_tensor(image, dtype=torch.float64)[None, None])[0, 0].numpy()
+        return np.where(removed, smooth, image)
+    for wrong in (eight_neighbours, zero_outside, kept_neighbours_once, image_mean, chapter_blur):
+        assert status(E30.check_neighbour_fill, wrong) == "failed"
+
+
+# chapter 30, exercise 2: Krippendorff's alpha --------------------------------------------------------------------------
+
+def test_ch30_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def by_coincidences(R):                            # Krippendorff's coincidence matrix over the values that occur
+        units = [c[~np.isnan(c)] for c in R.T]
+        units = [u for u in units if len(u) > 1]
+        vals = np.unique(np.concatenate(units)); pos = {v: k for k, v in enumerate(vals)}
+        o = np.zeros((len(vals), len(vals)))
+        for u in units:
+            for i in range(len(u)):
+                for j in range(len(u)):
+                    if i != j: o[pos[u[i]], pos[u[j]]] += 1 / (len(u) - 1)
+        n_c = o.sum(1); n = n_c.sum(); d = (vals[:, None] - vals[None, :]) ** 2
+        return 1 - (n - 1) * (o * d).sum() / (np.outer(n_c, n_c) * d).sum()
+    assert status(E30.check_krippendorff_alpha, by_coincidences) == "passed"
+    def with_single_ratings(R):                        # counts the unpairable values too
+        units = [c[~np.isnan(c)] for c in R.T]
+        vals = np.concatenate(units); n = len(vals)
+        d_o = sum(((u[:, None] - u[None]) ** 2).sum() / (len(u) - 1) for u in units if len(u) > 1) / n
+        return 1 - d_o / (((vals[:, None] - vals[None]) ** 2).sum() / (n * (n - 1)))
+    def no_pair_weight(R):                             # forgets 1/(m - 1)
+        units = [u for u in (c[~np.isnan(c)] for c in R.T) if len(u) > 1]
+        vals = np.concatenate(units); n = len(vals)
+        d_o = sum(((u[:, None] - u[None]) ** 2).sum() for u in units) / n
+        return 1 - d_o / (((vals[:, None] - vals[None]) ** 2).sum() / (n * (n - 1)))
+    def nominal(R):                                    # disagreement counted, not its size
+        units = [u for u in (c[~np.isnan(c)] for c in R.T) if len(u) > 1]
+        vals = np.concatenate(units); n = len(vals)
+        d_o = sum((u[:, None] != u[None]).sum() / (len(u) - 1) for u in units) / n
+        return 1 - d_o / ((vals[:, None] != vals[None]).sum() / (n * (n - 1)))
+    def variance_ratio(R):                             # 1 - within-item variance / total variance
+        within = np.nanmean(np.nanvar(R, axis=0))
+        return 1 - within / np.nanvar(R)
+    for wrong in (with_single_ratings, no_pair_weight, nominal, variance_ratio):
+        assert status(E30.check_krippendorff_alpha, wrong) == "failed"

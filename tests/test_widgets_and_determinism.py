@@ -79,3 +79,60 @@ def test_same_seed_gives_the_same_metrics(records, reruns, n):
     assert [c["verdict"] for c in again["claims"]][-1] is not None
     changed = json.loads(Path(other[n].record).read_text())
     assert changed["seed"] == 1 and changed["metrics"] != records[n]["metrics"], "another seed must change the metrics"
+
+
+def test_reader_rating_widget_stores_its_ratings_in_the_record(tmp_path):
+    """Clicking the panel's buttons and *save ratings* writes the ratings, by method (not by the blind letter), into
+    the record on disk; a second save replaces that reader's earlier rating of the same map; other readers' stay."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from dlopt_labs.explain.evaluate import ReaderRatings, ratings_from_records
+    from dlopt_labs.lab import Record
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 8, 8)
+    maps = {name: torch.rand(3, 1, 8, 8) for name in ("saliency", "grad-cam", "occlusion")}
+    rec = Record(30, "smoke", 0, {}, path=tmp_path / "ch30.json")
+    rec.log(reader_ratings=[dict(reader="ann", image=0, method="saliency", rating=2)])
+    panel = ReaderRatings(x, maps, rec, images=[0, 2], reader="bo", seed=1)
+    w = panel.widget()
+    labels = [row.children[0].value for row in w.children[1].children]
+    assert sorted(labels) == ["A", "B", "C"]                                    # the maps shown under letters
+    assert [panel.label(0, m) for m in panel.order[0]] == ["A", "B", "C"]
+    w.buttons["grad-cam"].value = 5
+    w.buttons["saliency"].value = 1
+    w.next_button.click()                                                      # image 2
+    assert all(b.value == 0 for b in w.buttons.values())                       # a new image starts unrated
+    w.buttons["occlusion"].value = 4
+    w.save_button.click()
+    stored = json.loads((tmp_path / "ch30.json").read_text())["metrics"]["reader_ratings"]
+    assert sorted((r["reader"], r["image"], r["method"], r["rating"]) for r in stored) == [
+        ("ann", 0, "saliency", 2), ("bo", 0, "grad-cam", 5), ("bo", 0, "saliency", 1), ("bo", 2, "occlusion", 4)]
+    assert "saved" in w.status.value
+    w.next_button.click()                                                      # back to image 0: its ratings shown
+    assert w.buttons["grad-cam"].value == 5 and w.buttons["occlusion"].value == 0
+    w.buttons["grad-cam"].value = 3
+    w.buttons["saliency"].value = 0                                            # taken back
+    w.save_button.click()
+    pooled = ratings_from_records([tmp_path / "ch30.json"])
+    assert sorted(map(tuple, pooled[["reader", "image", "method", "rating"]].values.tolist())) == [
+        ("ann", 0, "saliency", 2), ("bo", 0, "grad-cam", 3), ("bo", 2, "occlusion", 4)]
+
+
+def test_evaluation_widget_equals_direct_call():
+    import matplotlib
+    matplotlib.use("Agg")
+    from dlopt_labs.explain.evaluate import try_evaluation
+    from dlopt_labs.data import make_shapes
+    X, y, M = make_shapes(n=6, size=16, seed=2)
+    torch.manual_seed(0)
+    net = SmallCNN(1, 4, widths=(4, 8)).eval()
+    x = torch.as_tensor(X)[:, None]
+    fn = lambda image, method, fill, steps, tolerance: try_evaluation(net, "features.6", x, M, image, method, fill,
+                                                                     steps, tolerance, plot=False)
+    w = try_it(fn, dict(image=0, method="saliency", fill="black", steps=8, tolerance=0),
+               dict(image=(0, 5, 1), method=["saliency", "grad-cam"], fill=["black", "mean", "blur"], steps=(4, 32, 2),
+                    tolerance=(0, 3, 1)))
+    w.controls["image"].value = 3; w.controls["method"].value = "grad-cam"; w.controls["fill"].value = "blur"
+    direct = try_evaluation(net, "features.6", x, M, 3, "grad-cam", "blur", 8, 0, plot=False)
+    pd.testing.assert_frame_equal(w.result, direct)
+    assert list(direct.order) == ["grad-cam", "random order"]
