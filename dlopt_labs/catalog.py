@@ -192,7 +192,7 @@ CATALOG: tuple[Entry, ...] = (
           pitfall='fitting the temperature on the test split.'),
     Entry(30, 'explain', 'evaluate', 'Evaluating explanations', '如何提高深度学习模型的可解释性？',
           teaches="Sanity checks by cascading weight randomisation, deletion/insertion curves against a random order, pointing game on `shapes` masks, agreement between methods; a feedback widget that records a reader's rating of explanations.",
-          claims=(('grad-cam-explains-the-model', 'Grad-CAM explains the trained model: its maps change when the weights are randomised, and deleting pixels in its order lowers the prediction faster than a random order'),
+          claims=(('grad-cam-explains-the-model', 'Grad-CAM explains the trained model: its maps change when the weights are randomised, and deleting pixels in its order lowers the prediction faster than a random order and than a model-blind edge order'),
                   ('simplified-models-explain-better', 'a pruned (simplified) network is easier to explain than the dense one: its maps point at the object more often or agree better with its outputs, at the same accuracy')),
           reference='`captum.metrics` (infidelity).',
           pitfall='rank correlation on signed maps.'),

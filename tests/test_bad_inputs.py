@@ -455,23 +455,36 @@ def test_chapter30_refuses_bad_settings(tmp_path):
     assert _raises(E.rank_similarity, torch.rand(3, 1, 8, 8), torch.rand(3, 1, 4, 4)) == (
         "ValueError", "the maps must have the same pixels, got (3, 64) and (3, 16): upsample a Grad-CAM map to "
         "the image size first")
-    assert _raises(E.perturbation_curves, model, x, 0, torch.zeros(3, 10, dtype=torch.long)) == (
-        "ValueError", "order must hold every pixel of every image, shape (3, 64), got (3, 10): use "
-        "pixel_order(attributions)")
+    for order in (torch.zeros(3, 10, dtype=torch.long), torch.zeros(3, 64, dtype=torch.long),
+                  E.random_order(3, 64).float()):        # too short; not a permutation; not integers
+        assert _raises(E.perturbation_curves, model, x, 0, order) == (
+            "ValueError", f"order must list every pixel of every image once, integers of shape (3, 64), got "
+            f"{order.dtype} {tuple(order.shape)}: use pixel_order(attributions)")
     assert _raises(E.perturbation_curves, model, x, 0, E.random_order(3, 64), 0) == (
         "ValueError", "steps must be >= 1, got 0")
     assert _raises(E.pointing_game, torch.rand(3, 1, 8, 8), np.zeros((3, 8, 8), bool), -1) == (
-        "ValueError", "tolerance is a number of pixels, >= 0, got -1")
+        "ValueError", "tolerance is a whole number of pixels, >= 0, got -1")
+    assert _raises(E.pointing_game, torch.rand(3, 1, 8, 8), np.zeros((3, 8, 8), bool), 1.5) == (
+        "ValueError", "tolerance is a whole number of pixels, >= 0, got 1.5")
     assert _raises(E.infidelity, model, x, 0, torch.rand(3, 2, 8, 8), E.square_removal(4)) == (
         "ValueError", "attributions (3, 2, 8, 8) must be shaped like the images (3, 1, 8, 8): expand a one-channel "
         "map with .expand_as(x)")
     assert _raises(E.infidelity, model, x, 0, torch.rand(3, 1, 8, 8), E.square_removal(9)) == (
         "ValueError", "side must be between 1 and 8, got 9")
-    assert _raises(E.bootstrap_mean, [0.5]) == ("ValueError", "need at least 2 scores and n_boot >= 20, got 1 and 2000")
+    assert _raises(E.bootstrap_mean, [0.5]) == (
+        "ValueError", "need scores of shape (images,) or (draws, images) with at least 2 images, and n_boot >= 20; "
+        "got (1, 1) and 2000")
+    assert _raises(E.bootstrap_mean, [0.5, float("nan")]) == (
+        "ValueError", "the scores hold NaN (a constant map has no rank similarity): drop those images or give them a "
+        "value first")
+    assert _raises(E.blurred, x, 3.0) == (
+        "ValueError", "sigma 3.0 is too large for images of (8, 8) pixels: use sigma < 2.5")
     rec = Record(30, "smoke", 0, {}, path=tmp_path / "r.json")
     maps = {"a": torch.rand(3, 1, 8, 8), "b": torch.rand(3, 1, 8, 8)}
     assert _raises(E.ReaderRatings, x, maps, rec, images=[0, 5]) == (
-        "ValueError", "images must be indices from 0 to 2, got [5]")
+        "ValueError", "images must be whole numbers from 0 to 2, got [5]")
+    assert _raises(E.ReaderRatings, x, maps, rec, images=[0.5]) == (
+        "ValueError", "images must be whole numbers from 0 to 2, got [0.5]")
     panel = E.ReaderRatings(x, maps, rec, images=[0, 1])
     assert _raises(panel.rate, 0, "a", 6) == (
         "ValueError", "a rating is a whole number from 1 to 5 (0 takes it back), got 6")
@@ -480,3 +493,8 @@ def test_chapter30_refuses_bad_settings(tmp_path):
     assert not (tmp_path / "r.json").exists()                   # nothing written by a refused rating
     assert _raises(E.try_evaluation, model, "features.2", x, np.zeros((3, 8, 8), bool), 0, "saliency", "grey") == (
         "ValueError", "fill must be one of ('black', 'mean', 'blur'), got 'grey'")
+    assert _raises(E.try_evaluation, model, "features.2", x, np.zeros((3, 8, 8), bool), 1.5) == (
+        "ValueError", "image must be a whole number between 0 and 2, got 1.5")
+    assert _raises(E.try_evaluation, model, "features.2", x, np.zeros((3, 8, 8), bool), 0, "lime") == (
+        "ValueError", "method must be one of ['saliency', 'gradient x input', 'integrated gradients', 'grad-cam', "
+        "'occlusion', 'guided backprop', 'edges (control)'], got 'lime'")

@@ -872,7 +872,7 @@ def test_infidelity_equals_captum(normalize):
             return I, inputs - I
         return perturb
     for make, n in ((lambda: E30.square_removal(5, 0.0, 7), 9), (lambda: E30.square_removal(3, 0.4, 1), 4),
-                    (lambda: noise(2), 6)):
+                    (lambda: E30.square_removal(4, 0.0, 2, multiply_by_inputs=False), 5), (lambda: noise(2), 6)):
         mine = E30.infidelity(model, x, y, attr, make(), n, normalize)
         ref = infidelity(model, make(), x, attr, target=y, n_perturb_samples=n, normalize=normalize)
         torch.testing.assert_close(mine, ref, rtol=1e-9, atol=1e-12)
@@ -901,7 +901,7 @@ def test_rank_similarity_equals_scipy_spearman_with_ties():
         want = [spearmanr(fa(a[i]).flatten().numpy(), fa(b[i]).flatten().numpy()).statistic for i in range(len(x))]
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     flat = torch.zeros_like(a)
-    assert (E30.rank_similarity(a, flat) == 0).all()                   # a constant map has nothing to rank
+    assert np.isnan(E30.rank_similarity(a, flat)).all()                # a constant map has nothing to rank
 
 
 def test_perturbation_curves_and_pointing_game_equal_loops():
@@ -912,8 +912,14 @@ def test_perturbation_curves_and_pointing_game_equal_loops():
     flat = attr.sum(1).flatten(1)
     for i in range(5):                     # the order sorts the attributions, ties in any order
         assert bool((flat[i, order[i][:-1]] >= flat[i, order[i][1:]]).all())
+    ties = torch.zeros(5, 1, 16, 16)                 # a constant map: its order is the seed's random order
+    assert torch.equal(E30.pixel_order(ties, seed=4), E30.random_order(5, 256, seed=4))
+    assert not torch.equal(E30.pixel_order(ties, seed=4), E30.pixel_order(ties, seed=5))
     steps, fill = 7, 0.25
-    curves = E30.perturbation_curves(model, x, y, order, steps, fill, chunk=11)
+    curves = E30.perturbation_curves(model, x, y, order, steps, fill, chunk=11)   # one step per pass
+    batched = E30.perturbation_curves(model, x, y, order, steps, fill)           # every step in one pass
+    for kind in ("deletion", "insertion"):
+        torch.testing.assert_close(batched[kind], curves[kind], rtol=1e-12, atol=1e-12)
     for i in range(5):
         for k in range(steps + 1):
             n = round(k * 256 / steps)
@@ -957,3 +963,41 @@ def test_cascading_randomisation_is_cumulative_deterministic_and_leaves_the_mode
     weights = ["head.2.weight", "features.4.weight", "features.0.weight"]
     for n, (_, state) in enumerate(first[1:], 1):
         assert [changed(state, k) for k in weights] == [i < n for i in range(3)]  # cumulative, from the output back
+    stages = E30.cascade_stages(model)
+    assert [(name, [type(m).__name__ for m in ms]) for name, ms in stages] == [
+        ("head.2", ["Linear"]), ("features.4", ["Conv2d", "BatchNorm2d"]), ("features.0", ["Conv2d", "BatchNorm2d"])]
+    trained = copy.deepcopy(model)                   # a BatchNorm with trained statistics is reset with its conv
+    with torch.no_grad():
+        for m in trained.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.fill_(0.3); m.running_var.fill_(2.0); m.weight.fill_(1.5)
+    last = list(E30.cascading_randomisation(trained, 3))[-1][1]
+    for name in ("features.1", "features.5"):
+        bn = dict(last.named_modules())[name]
+        assert float(bn.running_mean.abs().max()) == 0 and float((bn.running_var - 1).abs().max()) == 0
+        assert float((bn.weight.detach() - 1).abs().max()) == 0
+
+
+def test_edge_map_and_blur_equal_scipy_and_the_rules_come_out_every_way():
+    from scipy import ndimage
+    x = torch.rand(3, 1, 12, 10, dtype=torch.float64)
+    for i in range(3):
+        img = x[i, 0].numpy()
+        gx = ndimage.sobel(img, axis=1, mode="constant")     # zero padding, as the conv
+        gy = ndimage.sobel(img, axis=0, mode="constant")
+        np.testing.assert_allclose(E30.edge_map(x)[i, 0].numpy(), np.hypot(gx, gy), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(E30.blurred(x, 1.5)[i, 0].numpy(),
+                                   ndimage.gaussian_filter(img, 1.5, mode="mirror", truncate=3.0),
+                                   rtol=1e-10, atol=1e-12)
+    v = lambda lo, hi: dict(mean=(lo + hi) / 2, lo=lo, hi=hi)
+    assert E30.sanity_verdict(v(0.1, 0.3), v(0.0, 0.2)) == "passes"
+    assert E30.sanity_verdict(v(0.6, 0.8), v(0.1, 0.3)) == "top layer blind"
+    assert E30.sanity_verdict(v(0.6, 0.8), v(0.55, 0.7)) == "fails"
+    assert E30.sanity_verdict(v(0.4, 0.6), v(0.1, 0.3)) == "unclear"
+    g = np.random.default_rng(0)
+    one = E30.bootstrap_mean(g.normal(1.0, 1.0, 400), seed=1)
+    assert one["lo"] < 1.0 < one["hi"] and one["hi"] - one["lo"] == pytest.approx(2 * 1.96 / 20, rel=0.15)
+    shifts = g.normal(0, 1, (3, 1))                   # three draws that each move every image: wider than images alone
+    two = E30.bootstrap_mean(g.normal(0, 0.1, (3, 400)) + shifts, seed=1)
+    pooled = E30.bootstrap_mean((g.normal(0, 0.1, (3, 400)) + shifts).ravel(), seed=1)
+    assert two["hi"] - two["lo"] > 3 * (pooled["hi"] - pooled["lo"])

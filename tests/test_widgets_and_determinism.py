@@ -116,6 +116,14 @@ def test_reader_rating_widget_stores_its_ratings_in_the_record(tmp_path):
     pooled = ratings_from_records([tmp_path / "ch30.json"])
     assert sorted(map(tuple, pooled[["reader", "image", "method", "rating"]].values.tolist())) == [
         ("ann", 0, "saliency", 2), ("bo", 0, "grad-cam", 3), ("bo", 2, "occlusion", 4)]
+    assert set(pooled.record) == {"ch30.json"}
+    rec2 = Record(30, "smoke", 0, {}, path=tmp_path / "ch30.json")            # the chapter runs again
+    again = ReaderRatings(x, maps, rec2, images=[0, 2], reader="bo", seed=1)
+    assert again.ratings == {(0, "grad-cam"): 3, (2, "occlusion"): 4}         # shown again
+    rec2.save()                                                                # its last cell: nothing lost
+    assert len(json.loads((tmp_path / "ch30.json").read_text())["metrics"]["reader_ratings"]) == 3
+    other = ReaderRatings(x, maps, rec2, images=[0, 2], reader="cy", seed=1)
+    assert [other.order[i] for i in (0, 2)] != [again.order[i] for i in (0, 2)]  # each reader their own letters
 
 
 def test_evaluation_widget_equals_direct_call():

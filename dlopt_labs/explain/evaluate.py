@@ -5,6 +5,8 @@
 # %% ../../nbs/explain/30_evaluate.ipynb #d581170b
 from __future__ import annotations
 import copy
+import json
+import zlib
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -23,10 +25,11 @@ from dlopt_labs.explain.saliency import (
 )
 
 # %% auto #0
-__all__ = ['CONTROL', 'FILLS', 'guided_backprop', 'edge_map', 'all_maps', 'cascade_stages', 'cascading_randomisation',
-           'rank_similarity', 'bootstrap_mean', 'sanity_verdict', 'pixel_order', 'random_order', 'perturbation_curves',
-           'curve_auc', 'square_removal', 'infidelity', 'pointing_game', 'pointing_chance', 'ReaderRatings',
-           'ratings_from_records', 'blurred', 'try_evaluation', 'check_neighbour_fill', 'check_krippendorff_alpha']
+__all__ = ['CONTROL', 'GLOBAL_MAPS', 'FILLS', 'guided_backprop', 'edge_map', 'all_maps', 'cascade_stages',
+           'cascading_randomisation', 'rank_similarity', 'bootstrap_mean', 'sanity_verdict', 'pixel_order',
+           'random_order', 'perturbation_curves', 'curve_auc', 'square_removal', 'infidelity', 'pointing_game',
+           'pointing_chance', 'ReaderRatings', 'ratings_from_records', 'blurred', 'try_evaluation',
+           'check_neighbour_fill', 'check_krippendorff_alpha']
 
 # %% ../../nbs/explain/30_evaluate.ipynb #d299d678
 def guided_backprop(
@@ -145,7 +148,7 @@ def rank_similarity(
     absolute: bool = True,  # rank the magnitudes (True) or the signed values
 ) -> np.ndarray:
     """Spearman's rank correlation of two maps, image by image (ties share their mean rank).
-    A map that is constant has nothing to rank: its similarity to anything is 0."""
+    A constant map has nothing to rank: its similarity is NaN (count such maps before averaging)."""
     A, B = _per_pixel(a), _per_pixel(b)
     if A.shape != B.shape:
         raise ValueError(
@@ -157,20 +160,35 @@ def rank_similarity(
     ra, rb = rankdata(A, axis=1), rankdata(B, axis=1)
     ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
     den = np.sqrt((ra**2).sum(1) * (rb**2).sum(1))
-    return np.divide((ra * rb).sum(1), den, out=np.zeros(len(A)), where=den > 0)
+    return np.divide((ra * rb).sum(1), den, out=np.full(len(A), np.nan), where=den > 0)
 
 # %% ../../nbs/explain/30_evaluate.ipynb #851a8f34
 def bootstrap_mean(
-    scores,  # one number per image (or a paired difference per image)
+    scores,  # one number per image, or (draws, images): e.g. one row per random re-initialisation
     seed: int = 0,  # seeds the resampling
-    n_boot: int = 2000,  # bootstrap resamples of the images
+    n_boot: int = 2000,  # bootstrap resamples
 ) -> dict:
-    "The mean of per-image scores with its percentile-bootstrap 95% interval over images."
-    s = torch.as_tensor(np.asarray(scores, dtype=float)).flatten()
-    if len(s) < 2 or n_boot < 20:
-        raise ValueError(f"need at least 2 scores and n_boot >= 20, got {len(s)} and {n_boot}")
+    """The mean of the scores with a percentile-bootstrap 95% interval. A (draws, images) table is
+    resampled along both axes, so that the interval covers both sources of variation."""
+    if torch.is_tensor(scores):
+        s = scores.detach().cpu().double()
+    else:
+        s = torch.tensor(np.array(scores, dtype=float))
+    s = s[None] if s.dim() == 1 else s
+    if s.dim() != 2 or s.shape[1] < 2 or n_boot < 20:
+        raise ValueError(
+            f"need scores of shape (images,) or (draws, images) with at least 2 images, "
+            f"and n_boot >= 20; got {tuple(s.shape)} and {n_boot}"
+        )
+    if s.isnan().any():
+        raise ValueError(
+            "the scores hold NaN (a constant map has no rank similarity): "
+            "drop those images or give them a value first"
+        )
     gen = torch.Generator().manual_seed(seed)
-    means = s[torch.randint(len(s), (n_boot, len(s)), generator=gen)].mean(1)
+    rows = torch.randint(s.shape[0], (n_boot, s.shape[0], 1), generator=gen)
+    cols = torch.randint(s.shape[1], (n_boot, 1, s.shape[1]), generator=gen)
+    means = s[rows, cols].mean((1, 2))
     lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype))
     return dict(mean=float(s.mean()), lo=float(lo), hi=float(hi))
 
@@ -193,7 +211,9 @@ def pixel_order(
     attributions: torch.Tensor,  # maps (N, C, H, W), channels summed
     seed: int = 0,  # breaks ties between equal attributions at random
 ) -> torch.Tensor:
-    "Each image's pixel indices from the largest attribution to the smallest, (N, H*W)."
+    """Each image's pixel indices from the largest attribution to the smallest, (N, H*W). Equal
+    attributions keep the order of a random permutation, the one `random_order` draws from the
+    same seed: a constant map's order is exactly that random order."""
     a = torch.as_tensor(attributions).detach()
     a = (a.sum(1) if a.dim() == 4 else a).flatten(1).double().cpu()
     gen = torch.Generator().manual_seed(seed)
@@ -215,7 +235,7 @@ def perturbation_curves(
     order: torch.Tensor,  # (N, H*W) pixel indices, most important first (pixel_order)
     steps: int = 32,  # points on each curve after the first
     fill: float | torch.Tensor = 0.0,  # what a removed pixel becomes: a number or images like x
-    chunk: int = 4096,  # at most this many images per forward pass
+    chunk: int = 4096,  # images per forward pass (at least 2N: one step's deletions and insertions)
 ) -> dict:
     """Deletion and insertion curves (Petsiuk et al. 2018): the target's probability as the
     pixels are removed in `order` (deletion) or put back into the `fill` image (insertion), after
@@ -223,16 +243,23 @@ def perturbation_curves(
     target = _check_batch(model, x, target)
     N, C, H, W = x.shape
     order = torch.as_tensor(order).to(x.device)
-    if order.shape != (N, H * W):
+    every = torch.arange(H * W, device=x.device)
+    if (
+        order.shape != (N, H * W)
+        or order.is_floating_point()
+        or not torch.equal(order.sort(1).values, every.expand(N, -1))
+    ):
         raise ValueError(
-            f"order must hold every pixel of every image, shape {(N, H * W)}, "
-            f"got {tuple(order.shape)}: use pixel_order(attributions)"
+            f"order must list every pixel of every image once, integers of shape "
+            f"{(N, H * W)}, got {order.dtype} {tuple(order.shape)}: "
+            "use pixel_order(attributions)"
         )
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     fill = _as_baseline(fill, x)
+    order = order.long()
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(H * W, device=x.device).expand(N, -1).contiguous())
+    rank.scatter_(1, order, every.expand(N, -1).contiguous())
     counts = [round(k * H * W / steps) for k in range(steps + 1)]
     per_pass = max(1, chunk // (2 * N))
     out = {"deletion": [], "insertion": []}
@@ -256,13 +283,24 @@ def curve_auc(curves: torch.Tensor) -> torch.Tensor:
     return torch.trapezoid(c, dx=1.0 / (c.shape[1] - 1), dim=1)
 
 # %% ../../nbs/explain/30_evaluate.ipynb #714bd784
+GLOBAL_MAPS = (
+    "gradient x input",
+    "integrated gradients",
+    "occlusion",
+)  # maps that include the input
+
+
 def square_removal(
     side: int = 8,  # the square's side in pixels
     fill: float = 0.0,  # what the removed pixels become
     seed: int = 0,  # seeds the squares' places
+    multiply_by_inputs: bool = True,  # True: I is the indicator; False: I = x - perturbed
 ):
     """A perturbation for `infidelity`: each copy of an image loses one square at a random place.
-    Returns perturb(x) -> (indicator I of the removed pixels, perturbed images), as captum does."""
+    Returns perturb(x) -> (I, perturbed images). For maps that already include the input (gradient
+    x input, Integrated Gradients, occlusion: `GLOBAL_MAPS`) I is the square's indicator; for local
+    maps (saliency, Grad-CAM, guided backpropagation) I is the change of the input, x - perturbed:
+    captum's `multiply_by_inputs` distinction."""
     gen = torch.Generator().manual_seed(seed)
 
     def perturb(x: torch.Tensor):
@@ -274,8 +312,9 @@ def square_removal(
         rows, cols = torch.arange(H)[None], torch.arange(W)[None]
         r = (rows >= top) & (rows < top + side)
         c = (cols >= left) & (cols < left + side)
-        I = (r[:, :, None] & c[:, None, :])[:, None].expand(N, C, H, W).to(x.device, x.dtype)
-        return I, x * (1 - I) + fill * I
+        square = (r[:, :, None] & c[:, None, :])[:, None].expand(N, C, H, W).to(x.device, x.dtype)
+        perturbed = x * (1 - square) + fill * square
+        return (square if multiply_by_inputs else x - perturbed), perturbed
 
     return perturb
 
@@ -294,6 +333,7 @@ def infidelity(
     (I · attributions - (f(x) - f(x perturbed)))², f the target's logit. With `normalize`, the
     map is first scaled by the factor that minimises it, so that only its shape counts."""
     target = _check_batch(model, x, target)
+    attributions = torch.as_tensor(attributions).detach().to(x.device, x.dtype)
     if attributions.shape != x.shape:
         raise ValueError(
             f"attributions {tuple(attributions.shape)} must be shaped like the images "
@@ -304,6 +344,7 @@ def infidelity(
     N = len(x)
     repeated = x.repeat_interleave(n_samples, 0)
     I, perturbed = perturb(repeated)
+    I, perturbed = torch.as_tensor(I).to(x.device, x.dtype), torch.as_tensor(perturbed).to(x.device)
     t = target.repeat_interleave(n_samples)
     with torch.no_grad():
         fx = class_score(model, x, target).repeat_interleave(n_samples)
@@ -314,7 +355,7 @@ def infidelity(
             ]
         )
     drop = (fx - fp).view(N, n_samples)
-    dot = (attributions.detach().repeat_interleave(n_samples, 0) * I).flatten(1).sum(1)
+    dot = (attributions.repeat_interleave(n_samples, 0) * I).flatten(1).sum(1)
     dot = dot.view(N, n_samples)
     if normalize:
         den = (dot * dot).sum(1)
@@ -341,9 +382,9 @@ def pointing_game(
     `tolerance` pixels); a maximum shared by several pixels scores the share of them that hit."""
     a = torch.as_tensor(attributions).detach()
     a = a.sum(1) if a.dim() == 4 else a
-    if tolerance < 0:
-        raise ValueError(f"tolerance is a number of pixels, >= 0, got {tolerance}")
-    near = _near(masks, tolerance, a.device)
+    if isinstance(tolerance, bool) or int(tolerance) != tolerance or tolerance < 0:
+        raise ValueError(f"tolerance is a whole number of pixels, >= 0, got {tolerance}")
+    near = _near(masks, int(tolerance), a.device)
     if near.shape != a.shape:
         raise ValueError(
             f"attributions {tuple(a.shape)} and masks {tuple(near.shape)} must match "
@@ -373,14 +414,39 @@ class ReaderRatings:
         seed: int = 0,  # seeds the blind order of the maps
     ):
         self.x, self.maps, self.record, self.reader = x, maps, record, str(reader)
-        self.images = list(range(min(4, len(x)))) if images is None else [int(i) for i in images]
-        bad = [i for i in self.images if not 0 <= i < len(x)]
+        self.images = list(range(min(4, len(x)))) if images is None else list(images)
+        bad = [i for i in self.images if isinstance(i, bool) or int(i) != i or not 0 <= i < len(x)]
         if bad:
-            raise ValueError(f"images must be indices from 0 to {len(x) - 1}, got {bad}")
-        rng = np.random.default_rng(seed)
+            raise ValueError(f"images must be whole numbers from 0 to {len(x) - 1}, got {bad}")
+        if not 1 <= len(maps) <= 26:
+            raise ValueError(f"the panel shows 1 to 26 maps per image (A to Z), got {len(maps)}")
+        self.images = [int(i) for i in self.images]
+        # each reader sees their own order of letters
+        rng = np.random.default_rng([seed, zlib.crc32(self.reader.encode())])
         self.order = {i: list(rng.permutation(list(maps))) for i in self.images}
-        self.ratings = {}  # (image, method) -> 1..5
+        stored = _merge(self._on_disk(), record.metrics.get("reader_ratings", []))
+        if stored:  # ratings saved by an earlier run: shown on the panel, kept in this record
+            record.log(reader_ratings=stored)
+        self.ratings = {
+            (r["image"], r["method"]): int(r["rating"])
+            for r in stored
+            if r["reader"] == self.reader and r["image"] in self.order and r["method"] in maps
+        }
         self.page, self._loading = 0, False
+
+    def _on_disk(self) -> list:
+        "The ratings already saved in the record's file, by any reader ([] if there is no file)."
+        path = Path(self.record.path)
+        if not path.exists():
+            return []
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"the results record {path} is not valid JSON ({e.msg}): "
+                "move it away, and the panel starts a new one"
+            ) from None
+        return stored.get("metrics", {}).get("reader_ratings", [])
 
     def label(self, image: int, method: str) -> str:
         "The letter method `method` is shown under for `image`."
@@ -410,15 +476,15 @@ class ReaderRatings:
         return pd.DataFrame(rows, columns=["reader", "image", "method", "rating"])
 
     def save(self) -> Path:
-        """Merge the ratings into the record's metrics ("reader_ratings": this reader's ratings of
-        this panel's images replace the earlier ones, others are kept) and write the record."""
-        mine = self.table().to_dict("records")
-        keep = [
+        """Merge the ratings into the record ("reader_ratings" in its metrics: this reader's ratings
+        of this panel's images replace their earlier ones; every other rating, in memory or already
+        in the file, is kept) and write the record, atomically."""
+        others = [
             r
-            for r in self.record.metrics.get("reader_ratings", [])
+            for r in _merge(self._on_disk(), self.record.metrics.get("reader_ratings", []))
             if r["reader"] != self.reader or r["image"] not in self.order
         ]
-        self.record.log(reader_ratings=keep + mine)
+        self.record.log(reader_ratings=others + self.table().to_dict("records"))
         return self.record.save()
 
     def widget(self):
@@ -497,22 +563,37 @@ class ReaderRatings:
         return panel
 
 
-def ratings_from_records(paths: list) -> pd.DataFrame:
-    "Pool the readers' ratings stored in several results records (one per reader, e.g. a class)."
-    import json
+def _merge(*lists) -> list:
+    "Ratings from several lists, one per (reader, image, method): a later list's rating wins."
+    out = {}
+    for ratings in lists:
+        for r in ratings:
+            out[(r["reader"], r["image"], r["method"])] = dict(r)
+    return list(out.values())
 
+
+def ratings_from_records(paths: list) -> pd.DataFrame:
+    """Pool the readers' ratings stored in several results records (e.g. a class's), one row per
+    rating; `record` names the file, which tells apart readers who kept the same name."""
     rows = []
     for p in paths:
         rec = json.loads(Path(p).read_text(encoding="utf-8"))
-        rows += rec.get("metrics", {}).get("reader_ratings", [])
-    return pd.DataFrame(rows, columns=["reader", "image", "method", "rating"])
+        rows += [
+            dict(r, record=Path(p).name) for r in rec.get("metrics", {}).get("reader_ratings", [])
+        ]
+    return pd.DataFrame(rows, columns=["record", "reader", "image", "method", "rating"])
 
 # %% ../../nbs/explain/30_evaluate.ipynb #a96cb142
 def blurred(x: torch.Tensor, sigma: float = 2.0) -> torch.Tensor:
     "Each image blurred by a Gaussian of `sigma` pixels (edges reflected): a fill keeping colours."
     if sigma <= 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
-    r = int(3 * sigma)
+    r = int(3 * sigma + 0.5)  # as scipy.ndimage.gaussian_filter (truncate=3)
+    if r >= min(x.shape[-2:]):
+        raise ValueError(
+            f"sigma {sigma} is too large for images of {tuple(x.shape[-2:])} pixels: "
+            f"use sigma < {(min(x.shape[-2:]) - 0.5) / 3:.1f}"
+        )
     k = torch.exp(-(torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) ** 2) / (2 * sigma**2))
     k = (k / k.sum()).view(1, 1, 1, -1)
     C = x.shape[1]
@@ -536,18 +617,22 @@ def try_evaluation(
     steps: int = 16,  # points on the deletion and insertion curves
     tolerance: int = 1,  # the pointing game's tolerance in pixels
     plot: bool = True,  # draw the two curves against a random order's
+    ig_steps: int = 16,  # Integrated Gradients' steps (as the chapter's maps)
+    stride: int = 2,  # occlusion's stride (as the chapter's maps)
 ) -> pd.DataFrame:
     "One image, one method: deletion and insertion areas against a random order's, and pointing."
-    if not 0 <= image < len(x):
-        raise ValueError(f"image must be between 0 and {len(x) - 1}, got {image}")
+    if isinstance(image, bool) or int(image) != image or not 0 <= image < len(x):
+        raise ValueError(f"image must be a whole number between 0 and {len(x) - 1}, got {image}")
     if fill not in FILLS:
         raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
+    known = [*METHODS, "guided backprop", CONTROL]
+    if method not in known:
+        raise ValueError(f"method must be one of {known}, got {method!r}")
+    image = int(image)
     xi = x[image : image + 1]
     with torch.no_grad():
         pred = model(xi).argmax(1)
-    maps = all_maps(model, layer, xi, pred, steps=16)
-    if method not in maps:
-        raise ValueError(f"method must be one of {sorted(maps)}, got {method!r}")
+    maps = all_maps(model, layer, xi, pred, ig_steps, stride)
     base = {"black": 0.0, "mean": float(xi.mean()), "blur": blurred(xi)}[fill]
     rows, curves = [], {}
     orders = {
@@ -629,7 +714,7 @@ def check_neighbour_fill(fn):
             f"pixel ({i}, {j}): expected {want[i, j]:.6f}, got {got[i, j]:.6f}"
         )
 
-# %% ../../nbs/explain/30_evaluate.ipynb #07bb45b7
+# %% ../../nbs/explain/30_evaluate.ipynb #9df09432
 @exercise(2, "agreement between readers: Krippendorff's alpha")
 def check_krippendorff_alpha(fn):
     """`fn(ratings)` for a (readers, items) array with NaN where a reader gave no rating, against
