@@ -113,6 +113,7 @@ CATALOG: tuple[Entry, ...] = (
           pitfall='in-place ReLU breaks hooks; baseline choice.'),
     Entry(11, 'explain', 'visualise', 'Visualising data and training', '如何提高深度学习模型的可视化效果？',
           teaches='Seaborn plots of inputs and outputs (Anscombe-style: same statistics, different pictures), model structure summary, decision-boundary contours, per-seed training curves with their spread, an animation of training saved offline, pair plots.',
+          claims=(('a-third-dimension-shows-more', 'A 3-D scatter shows the data better than the best 2-D one: a third feature separates the classes more than the best pair does'),),
           pitfall="seaborn's `load_dataset` needs the network; bootstrapped CIs by default."),
     Entry(12, 'debug', 'diagnose', 'Debugging a model', '如何提高深度学习模型的调试效率？',
           teaches="Loss at initialisation (≈ ln 10), overfit one batch, NaN/Inf forward hooks naming the first bad layer, `detect_anomaly`, `gradcheck` in float64, logging, shape tests; a training script with planted bugs that the chapter's tests find.",

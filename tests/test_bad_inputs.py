@@ -498,3 +498,30 @@ def test_chapter30_refuses_bad_settings(tmp_path):
     assert _raises(E.try_evaluation, model, "features.2", x, np.zeros((3, 8, 8), bool), 0, "lime") == (
         "ValueError", "method must be one of ['saliency', 'gradient x input', 'integrated gradients', 'grad-cam', "
         "'occlusion', 'guided backprop', 'edges (control)'], got 'lime'")
+
+
+def test_chapter11_refuses_bad_settings(tmp_path):
+    """Chapter 11's functions that take a learner's data or settings: one line naming the problem and the fix."""
+    import numpy as np
+    import torch
+    from torch import nn
+    from dlopt_labs.explain import visualise as V
+    assert _raises(V.summary_stats, [1, 2, 3], [1, 2]) == (
+        "ValueError", "x and y must be two 1-D arrays of the same length (at least 3), got shapes (3,) and (2,)")
+    assert _raises(V.same_stats_morph, [1, 2, 3], [3, 1, 2], "heart") == (
+        "ValueError", "shape must be one of ('circle', 'x', 'lines', 'star'), got 'heart'")
+    assert _raises(V.same_stats_morph, [1, 2, 3], [3, 1, 2], "x", 0) == (
+        "ValueError", "need steps >= 1 and scale > 0, got 0 and 0.3")
+    net = nn.Sequential(nn.Linear(2, 2))
+    assert _raises(V.decision_grid, net, np.zeros((5, 3))) == (
+        "ValueError", "X must hold 2-D points, shape (n, 2), got (5, 3): a contour needs two features (project "
+        "first, e.g. with PCA)")
+    assert _raises(V.decision_grid, net, np.zeros((5, 2)), 1) == ("ValueError", "resolution must be >= 2, got 1")
+    assert _raises(V.bootstrap_band, np.zeros((1, 4))) == (
+        "ValueError", "values must be (runs, steps) with at least 2 runs, got (1, 4)")
+    assert _raises(V.band_coverage, 1) == ("ValueError", "n must be >= 2 runs, got 1")
+    assert _raises(V.save_animation, [], np.zeros((2, 2)), [0, 1], tmp_path / "a.gif") == (
+        "ValueError", "no frames to animate: pass the list training_frames returned")
+    assert not (tmp_path / "a.gif").exists()
+    assert _raises(V.try_boundary, 0) == (
+        "ValueError", "need width >= 1, epochs >= 1 and 0 <= noise <= 2, got 0, 30, 0.25")

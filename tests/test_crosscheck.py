@@ -1001,3 +1001,111 @@ def test_edge_map_and_blur_equal_scipy_and_the_rules_come_out_every_way():
     two = E30.bootstrap_mean(g.normal(0, 0.1, (3, 400)) + shifts, seed=1)
     pooled = E30.bootstrap_mean((g.normal(0, 0.1, (3, 400)) + shifts).ravel(), seed=1)
     assert two["hi"] - two["lo"] > 3 * (pooled["hi"] - pooled["lo"])
+
+
+# chapter 11: seaborn's error band, the model summary, the morph, the decision grid, the animation ---------------------
+
+from dlopt_labs.explain import visualise as V11
+
+
+def test_bootstrap_band_equals_the_band_seaborn_draws():
+    """Runs and steps the chapter does not use: the band seaborn's lineplot fills equals bootstrap_band to 1e-12, and so
+    does seaborn.algorithms.bootstrap with its percentile interval."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    from seaborn.algorithms import bootstrap
+    g = np.random.default_rng(3)
+    values = g.normal(1.0, 0.3, (6, 9)).cumsum(1)
+    frame = pd.DataFrame([dict(run=r, step=s + 1, v=values[r, s]) for r in range(6) for s in range(9)])
+    for seed, n_boot in ((0, 1000), (7, 250)):
+        fig, ax = plt.subplots()
+        sns.lineplot(frame, x="step", y="v", ax=ax, seed=seed, n_boot=n_boot)
+        verts = ax.collections[0].get_paths()[0].vertices
+        plt.close(fig)
+        lo, hi = V11.bootstrap_band(values, n_boot, seed)
+        for k in range(9):
+            on = verts[verts[:, 0] == k + 1, 1]
+            assert abs(on.min() - lo[k]) < 1e-12 and abs(on.max() - hi[k]) < 1e-12
+            ref = np.nanpercentile(bootstrap(values[:, k], n_boot=n_boot, seed=seed, func="mean"), [2.5, 97.5])
+            np.testing.assert_allclose([lo[k], hi[k]], ref, rtol=0, atol=1e-12)
+
+
+def test_band_coverage_direction_and_the_t_interval_keeps_its_level():
+    few = V11.band_coverage(3, trials=3000, n_boot=300, seed=1)
+    many = V11.band_coverage(30, trials=1500, n_boot=300, seed=2)
+    se = (0.95 * 0.05 / 3000) ** 0.5
+    assert abs(few["t_interval"] - 0.95) < 4 * se                 # exact for normal runs
+    assert few["bootstrap"] < 0.85 < many["bootstrap"]            # too narrow with 3 runs, close with 30
+
+
+def test_model_summary_follows_the_forward_pass():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    model[1].weight.requires_grad_(False)
+    model.train()
+    x = torch.randn(2, 3, 8, 8)
+    table = V11.model_summary(model, x)
+    assert list(table.layer) == ["0", "1", "2", "3", "4"]
+    out = x
+    for (_, row), layer in zip(table.iterrows(), model.eval()):
+        out = layer(out)
+        assert row.output_shape == tuple(out.shape)
+    assert int(table.params.sum()) == sum(p.numel() for p in model.parameters())
+    assert int(table.trainable.sum()) == sum(p.numel() for p in model.parameters()) - 4
+    model.train()
+    V11.model_summary(model, x)
+    assert model.training and all(not m._forward_hooks for m in model.modules())   # mode and hooks restored
+
+
+def test_same_stats_morph_keeps_the_statistics_and_moves_towards_the_shape():
+    g = np.random.default_rng(5)
+    x, y = g.uniform(0, 10, 60), g.uniform(0, 10, 60)              # not the chapter's blob
+    s0 = V11.summary_stats(x, y)
+    centre, scale = (s0["mean_x"], s0["mean_y"]), (s0["sd_x"], s0["sd_y"])
+    for shape in ("x", "circle"):
+        nx, ny, accepted = V11.same_stats_morph(x, y, shape, 15000, 2, 0.1, seed=1)
+        s1 = V11.summary_stats(nx, ny)
+        assert all(round(s1[k], 2) == round(s0[k], 2) for k in s0)
+        before = V11.shape_distance(x, y, shape, centre, scale).mean()
+        after = V11.shape_distance(nx, ny, shape, centre, scale).mean()
+        assert after < 0.7 * before and 0 < accepted < 1
+        assert nx.min() >= x.min() and nx.max() <= x.max()        # inside the starting frame
+
+
+def test_decision_grid_and_animation():
+    from PIL import Image
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 2))
+    X = np.random.default_rng(0).normal(size=(30, 2))
+    xx, yy, p = V11.decision_grid(model, X, 7, 0.1)
+    with torch.no_grad():
+        want = torch.softmax(model(torch.tensor(np.c_[xx.ravel(), yy.ravel()], dtype=torch.float32)), 1)[:, 1]
+    np.testing.assert_allclose(p.ravel(), want.numpy(), rtol=1e-6)
+    assert xx.min() == pytest.approx(X[:, 0].min() - 0.1) and yy.max() == pytest.approx(X[:, 1].max() + 0.1)
+    y = (X[:, 0] > 0).astype(int)
+    frames = V11.training_frames(model, X, y, epochs=3, resolution=10)
+    assert [e for e, _ in frames] == [0, 1, 2, 3] and not np.allclose(frames[0][1][2], frames[-1][1][2])
+
+
+def test_save_animation_writes_a_complete_gif(tmp_path):
+    from PIL import Image
+    import matplotlib
+    matplotlib.use("Agg")
+    X = np.random.default_rng(1).normal(size=(20, 2)); y = (X[:, 1] > 0).astype(int)
+    torch.manual_seed(1)
+    frames = V11.training_frames(nn.Sequential(nn.Linear(2, 2)), X, y, epochs=4, resolution=8)
+    path = V11.save_animation(frames, X, y, tmp_path / "sub" / "a.gif", fps=5)
+    with Image.open(path) as im:
+        assert im.format == "GIF" and im.n_frames == 5
+    assert sorted(p.name for p in path.parent.iterdir()) == ["a.gif"]            # no temporary file left
+    assert V11.gif_html(path).startswith('<img src="data:image/gif;base64,R0lG')  # "GIF8" in base64
+
+
+def test_network_attempts_reports_the_host_and_lets_offline_calls_run():
+    import socket
+    got = V11.network_attempts(socket.create_connection, ("example.invalid", 80))
+    assert got["hosts"] == ["example.invalid"] and got["error"].startswith("OSError") and got["result"] is None
+    ok = V11.network_attempts(lambda a, b: a + b, 2, b=3)
+    assert ok == dict(hosts=[], error=None, result=5)

@@ -934,3 +934,77 @@ def test_ch30_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
         return 1 - within / np.nanvar(R)
     for wrong in (with_single_ratings, no_pair_weight, nominal, variance_ratio):
         assert status(E30.check_krippendorff_alpha, wrong) == "failed"
+
+
+# chapter 11, exercise 1: any picture, the same statistics -------------------------------------------------------------
+
+from dlopt_labs.explain import visualise as V11
+
+
+def test_ch11_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def by_cholesky(x, y, t):                          # whiten with the inverse Cholesky factor, colour with the target's
+        P = np.c_[x, y] - [x.mean(), y.mean()]
+        L = np.linalg.cholesky(np.cov(P.T))
+        Z = P @ np.linalg.inv(L).T
+        S = np.array([[t["sd_x"] ** 2, t["corr"] * t["sd_x"] * t["sd_y"]],
+                      [t["corr"] * t["sd_x"] * t["sd_y"], t["sd_y"] ** 2]])
+        out = Z @ np.linalg.cholesky(S).T + [t["mean_x"], t["mean_y"]]
+        return out[:, 0], out[:, 1]
+    assert status(V11.check_set_statistics, by_cholesky) == "passed"
+    def corr_ignored(x, y, t):                         # shifts and scales each axis: the correlation stays as it was
+        return (t["mean_x"] + t["sd_x"] * (x - x.mean()) / x.std(ddof=1),
+                t["mean_y"] + t["sd_y"] * (y - y.mean()) / y.std(ddof=1))
+    def original_corr_kept_in(x, y, t):                # mixes in zy without removing its correlation with x first
+        zx, zy = (x - x.mean()) / x.std(ddof=1), (y - y.mean()) / y.std(ddof=1)
+        r = t["corr"]
+        return t["mean_x"] + t["sd_x"] * zx, t["mean_y"] + t["sd_y"] * (r * zx + np.sqrt(1 - r * r) * zy)
+    def population_sd(x, y, t):                        # standard deviations with n instead of n - 1
+        zx, zy = (x - x.mean()) / x.std(), (y - y.mean()) / y.std()
+        r0 = np.corrcoef(x, y)[0, 1]; w = (zy - r0 * zx) / np.sqrt(1 - r0**2); r = t["corr"]
+        return t["mean_x"] + t["sd_x"] * zx, t["mean_y"] + t["sd_y"] * (r * zx + np.sqrt(1 - r * r) * w)
+    def x_from_both(x, y, t):                          # a symmetric square root: the new x depends on y too
+        from scipy.linalg import sqrtm
+        P = np.c_[x, y] - [x.mean(), y.mean()]
+        Z = P @ np.real(np.linalg.inv(sqrtm(np.cov(P.T))))
+        S = np.array([[t["sd_x"] ** 2, t["corr"] * t["sd_x"] * t["sd_y"]],
+                      [t["corr"] * t["sd_x"] * t["sd_y"], t["sd_y"] ** 2]])
+        out = Z @ np.real(sqrtm(S)) + [t["mean_x"], t["mean_y"]]
+        return out[:, 0], out[:, 1]
+    for wrong in (corr_ignored, original_corr_kept_in, population_sd, x_from_both):
+        assert status(V11.check_set_statistics, wrong) == "failed"
+
+
+# chapter 11, exercise 2: TensorBoard's smoothing ----------------------------------------------------------------------
+
+def test_ch11_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    import pandas as pd
+    def by_weights(values, w):                         # the debiased average written as explicit weights
+        v = np.asarray(values, float)
+        if np.all(v == v[0]): return v.copy()
+        out, seen = v.copy(), []
+        for i, x in enumerate(v):
+            if not np.isfinite(x): continue
+            seen.append(x)
+            k = len(seen); wt = (1 - w) * w ** np.arange(k - 1, -1, -1)
+            out[i] = (wt * np.array(seen)).sum() / wt.sum() if w != 1 else seen[0]
+        return out
+    assert status(V11.check_tensorboard_smoothing, by_weights) == "passed"
+    def pandas_ewm(values, w):                         # pandas fills the gaps with the running average
+        return pd.Series(values).replace([np.inf, -np.inf], np.nan).ewm(alpha=1 - w, adjust=True).mean().to_numpy()
+    def not_debiased(values, w):
+        out, last = np.asarray(values, float).copy(), 0.0
+        for i, x in enumerate(out):
+            if np.isfinite(x): last = w * last + (1 - w) * x; out[i] = last
+        return out
+    def counts_the_gaps(values, w):                    # k counts every step, finite or not
+        out, last = np.asarray(values, float).copy(), 0.0
+        for i, x in enumerate(out):
+            if np.isfinite(x): last = w * last + (1 - w) * x; out[i] = last / (1 - w ** (i + 1))
+        return out
+    def started_at_first(values, w):                   # the textbook EMA: s_0 = v_0, no debiasing
+        out = np.asarray(values, float).copy(); last = None
+        for i, x in enumerate(out):
+            if np.isfinite(x): last = x if last is None else w * last + (1 - w) * x; out[i] = last
+        return out
+    for wrong in (pandas_ewm, not_debiased, counts_the_gaps, started_at_first):
+        assert status(V11.check_tensorboard_smoothing, wrong) == "failed"

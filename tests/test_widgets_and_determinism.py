@@ -144,3 +144,14 @@ def test_evaluation_widget_equals_direct_call():
     direct = try_evaluation(net, "features.6", x, M, 3, "grad-cam", "blur", 8, 0, plot=False)
     pd.testing.assert_frame_equal(w.result, direct)
     assert list(direct.order) == ["grad-cam", "random order"]
+
+
+def test_boundary_widget_equals_direct_call():
+    from dlopt_labs.explain.visualise import try_boundary
+    fn = lambda width, epochs, noise, seed: try_boundary(width, epochs, noise, seed, n=120, plot=False)
+    w = try_it(fn, dict(width=8, epochs=3, noise=0.25, seed=0),
+               dict(width=(1, 64, 1), epochs=(1, 50, 1), noise=(0.0, 1.0, 0.05), seed=(0, 9, 1)))
+    w.controls["width"].value = 12; w.controls["noise"].value = 0.4; w.controls["seed"].value = 3
+    direct = try_boundary(12, 3, 0.4, 3, n=120, plot=False)
+    pd.testing.assert_frame_equal(w.result, direct)
+    assert direct.params[0] == 2 * 12 + 12 + 12 * 12 + 12 + 12 * 2 + 2
