@@ -525,3 +525,16 @@ def test_chapter11_refuses_bad_settings(tmp_path):
     assert not (tmp_path / "a.gif").exists()
     assert _raises(V.try_boundary, 0) == (
         "ValueError", "need width >= 1, epochs >= 1 and 0 <= noise <= 2, got 0, 30, 0.25")
+    assert _raises(V.summary_stats, [1, 2, np.nan], [1, 2, 3]) == (
+        "ValueError", "x and y must be finite: drop or fill the NaN and infinite values first")
+    assert _raises(V.same_stats_morph, [1, 1, 1], [3, 1, 2], "x") == (
+        "ValueError", "x and y must each vary: a constant has no correlation with anything")
+    assert _raises(V.bootstrap_band, np.zeros((3, 4)), 1000, 0, 0.95) == (
+        "ValueError", "level is a percentage between 1 and 100, e.g. 95, got 0.95")
+    assert _raises(V.band_coverage, 3, 100, 5) == (
+        "ValueError", "n_boot must be >= 20 for a percentile interval, got 5")
+    assert _raises(V.band_coverage, 3, 0) == ("ValueError", "trials must be >= 1, got 0")
+    frames = [(0, (np.zeros((2, 2)), np.zeros((2, 2)), np.zeros((2, 2))))]
+    assert _raises(V.save_animation, frames, np.zeros((2, 2)), [0, 1], tmp_path / "b.gif", 0) == (
+        "ValueError", "fps must be > 0, got 0")
+    assert not (tmp_path / "b.gif").exists()

@@ -1010,7 +1010,7 @@ from dlopt_labs.explain import visualise as V11
 
 def test_bootstrap_band_equals_the_band_seaborn_draws():
     """Runs and steps the chapter does not use: the band seaborn's lineplot fills equals bootstrap_band to 1e-12, and so
-    does seaborn.algorithms.bootstrap with its percentile interval."""
+    does seaborn.algorithms.bootstrap with its percentile interval on the sorted values (lineplot's sort=True)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1028,7 +1028,8 @@ def test_bootstrap_band_equals_the_band_seaborn_draws():
         for k in range(9):
             on = verts[verts[:, 0] == k + 1, 1]
             assert abs(on.min() - lo[k]) < 1e-12 and abs(on.max() - hi[k]) < 1e-12
-            ref = np.nanpercentile(bootstrap(values[:, k], n_boot=n_boot, seed=seed, func="mean"), [2.5, 97.5])
+            ref = np.nanpercentile(bootstrap(np.sort(values[:, k]), n_boot=n_boot, seed=seed, func="mean"),  # lineplot
+                                   [2.5, 97.5])                      # sorts y within x first
             np.testing.assert_allclose([lo[k], hi[k]], ref, rtol=0, atol=1e-12)
 
 
@@ -1057,6 +1058,28 @@ def test_model_summary_follows_the_forward_pass():
     model.train()
     V11.model_summary(model, x)
     assert model.training and all(not m._forward_hooks for m in model.modules())   # mode and hooks restored
+
+
+def test_model_summary_counts_shared_layers_and_parents_own_weights_once():
+    """A layer called twice gets a row per call and its parameters once; a module that owns a weight beside its
+    children (as attention owns its projections) gets its own row: the total equals the model's unique parameters."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(6))              # owned by the parent, not a leaf
+            self.shared = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 3)
+            self.head.weight = nn.Parameter(torch.randn(3, 6))
+        def forward(self, x):
+            return self.head(self.shared(self.shared(x)) * self.scale)
+    model = Block()
+    table = V11.model_summary(model, torch.randn(4, 6))
+    assert list(zip(table.layer, table.call)) == [("shared", 1), ("shared", 2), ("head", 1), ("Block", 1)]
+    assert list(table.params) == [42, 0, 21, 6]
+    assert int(table.params.sum()) == sum(p.numel() for p in model.parameters()) == 69
+    tied = nn.Sequential(nn.Linear(5, 5, bias=False), nn.ReLU(), nn.Linear(5, 5, bias=False))
+    tied[2].weight = tied[0].weight                               # tied weights count once
+    assert int(V11.model_summary(tied, torch.randn(2, 5)).params.sum()) == 25
 
 
 def test_same_stats_morph_keeps_the_statistics_and_moves_towards_the_shape():

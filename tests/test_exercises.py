@@ -980,7 +980,7 @@ def test_ch11_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
     import pandas as pd
     def by_weights(values, w):                         # the debiased average written as explicit weights
         v = np.asarray(values, float)
-        if np.all(v == v[0]): return v.copy()
+        if v.size == 0 or np.all(v == v[0]): return v.copy()
         out, seen = v.copy(), []
         for i, x in enumerate(v):
             if not np.isfinite(x): continue
@@ -1006,5 +1006,12 @@ def test_ch11_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
         for i, x in enumerate(out):
             if np.isfinite(x): last = x if last is None else w * last + (1 - w) * x; out[i] = last
         return out
-    for wrong in (pandas_ewm, not_debiased, counts_the_gaps, started_at_first):
+    def no_constant_rule(values, w):                   # debiased and gap-aware, but recomputes a constant series
+        out, last, k = np.asarray(values, float).copy(), 0.0, 0
+        for i, x in enumerate(out):
+            if np.isfinite(x): last = w * last + (1 - w) * x; k += 1; out[i] = last / (1 - w ** k)
+        return out
+    def nan_as_zero(values, w):                        # fills the gaps with 0 before smoothing
+        return by_weights(np.nan_to_num(np.asarray(values, float), nan=0.0, posinf=0.0, neginf=0.0), w)
+    for wrong in (pandas_ewm, not_debiased, counts_the_gaps, started_at_first, no_constant_rule, nan_as_zero):
         assert status(V11.check_tensorboard_smoothing, wrong) == "failed"

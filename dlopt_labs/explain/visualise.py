@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from ..core import get_device
 from ..lab import exercise
 
 # %% auto #0
@@ -29,6 +30,10 @@ def summary_stats(x, y) -> dict:
             f"x and y must be two 1-D arrays of the same length (at least 3), got "
             f"shapes {x.shape} and {y.shape}"
         )
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("x and y must be finite: drop or fill the NaN and infinite values first")
+    if x.std() == 0 or y.std() == 0:
+        raise ValueError("x and y must each vary: a constant has no correlation with anything")
     return dict(
         mean_x=x.mean(),
         mean_y=y.mean(),
@@ -181,32 +186,43 @@ def model_summary(
     model: nn.Module,  # the model
     example: torch.Tensor,  # one input batch, e.g. x[:1]
 ) -> pd.DataFrame:
-    """One row per leaf module in the order the forward pass runs them: its name, type, output
-    shape and parameter count (its own parameters, trainable or not)."""
-    rows, handles = [], []
-    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
-    if not leaves:
+    """One row per call of a module that has no children or owns parameters itself, in the order
+    the forward pass finishes them: name, type, output shape, the call's number (a module run twice
+    gets two rows) and the parameters it owns, each parameter counted the first time it is seen
+    (shared modules and tied weights count once), trainable or not."""
+    rows, handles, seen, calls = [], [], set(), {}
+    shown = [
+        (n, m)
+        for n, m in model.named_modules()
+        if not list(m.children()) or list(m.parameters(recurse=False))
+    ]
+    if not shown:
         raise ValueError("the model has no modules to summarise")
 
     def hook(name):
         def record(module, inputs, output):
             shape = tuple(output.shape) if torch.is_tensor(output) else type(output).__name__
-            params = sum(p.numel() for p in module.parameters(recurse=False))
-            trainable = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
+            new = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+            seen.update(id(p) for p in new)
+            calls[name] = calls.get(name, 0) + 1
             rows.append(
                 dict(
-                    layer=name,
+                    layer=name or type(module).__name__,
                     type=type(module).__name__,
                     output_shape=shape,
-                    params=params,
-                    trainable=trainable,
+                    call=calls[name],
+                    params=sum(p.numel() for p in new),
+                    trainable=sum(p.numel() for p in new if p.requires_grad),
                 )
             )
 
         return record
 
-    for name, m in leaves:
+    for name, m in shown:
         handles.append(m.register_forward_hook(hook(name)))
+    first = next(model.parameters(), None)
+    if first is not None and torch.is_tensor(example):
+        example = example.to(first.device)
     was_training = model.training
     try:
         model.eval()
@@ -283,13 +299,16 @@ def decision_grid(
     xx, yy = np.meshgrid(
         np.linspace(lo[0], hi[0], resolution), np.linspace(lo[1], hi[1], resolution)
     )
-    device = next(model.parameters()).device
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
     grid = torch.tensor(np.c_[xx.ravel(), yy.ravel()], dtype=torch.float32, device=device)
     was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        p = torch.softmax(model(grid), 1)[:, 1].cpu().numpy().reshape(xx.shape)
-    model.train(was_training)
+    try:
+        model.eval()
+        with torch.no_grad():
+            p = torch.softmax(model(grid), 1)[:, 1].cpu().numpy().reshape(xx.shape)
+    finally:
+        model.train(was_training)
     return xx, yy, p
 
 
@@ -303,6 +322,13 @@ def plot_boundary(ax, grid: tuple, X, y, title: str = ""):
     return ax
 
 # %% ../../nbs/explain/11_visualise.ipynb #7b321c1e
+def _check_band(level: float, n_boot: int):
+    if not 1 < level < 100:
+        raise ValueError(f"level is a percentage between 1 and 100, e.g. 95, got {level}")
+    if n_boot < 20:
+        raise ValueError(f"n_boot must be >= 20 for a percentile interval, got {n_boot}")
+
+
 def bootstrap_band(
     values,  # (runs, steps): one row per seed, one column per epoch
     n_boot: int = 1000,  # resamples, as seaborn's n_boot
@@ -310,12 +336,15 @@ def bootstrap_band(
     level: float = 95,  # the interval's width in percent
 ) -> tuple:
     """Seaborn's default error band (`errorbar=("ci", 95)`), step by step: the percentile interval
-    of the mean over `n_boot` resamples of the runs. Returns (lo, hi), one value per step."""
+    of the mean over `n_boot` resamples of the runs. Each step's values are sorted first, as
+    `lineplot(sort=True)` sorts them before resampling, so that the same seed gives seaborn's band
+    to the last digit. Returns (lo, hi), one value per step."""
     v = np.asarray(values, dtype=float)
     if v.ndim != 2 or v.shape[0] < 2:
         raise ValueError(f"values must be (runs, steps) with at least 2 runs, got {v.shape}")
+    _check_band(level, n_boot)
     lo, hi = [], []
-    for column in v.T:
+    for column in np.sort(v, axis=0).T:
         rng = np.random.default_rng(seed)
         means = column[rng.integers(0, len(column), (n_boot, len(column)), dtype=np.intp)].mean(1)
         a, b = np.nanpercentile(means, [(100 - level) / 2, 100 - (100 - level) / 2])
@@ -332,23 +361,32 @@ def band_coverage(
     seed: int = 0,  # seeds the simulation
 ) -> dict:
     """How often the bootstrap band (as `bootstrap_band`) of `n` runs drawn from a normal
-    distribution covers the true mean, against the t-interval's and the nominal `level`."""
+    distribution covers the true mean, against the t-interval's and the nominal `level`, with
+    the binomial standard error of a coverage of `level` over `trials`."""
     from scipy import stats
 
     if n < 2:
         raise ValueError(f"n must be >= 2 runs, got {n}")
+    if trials < 1:
+        raise ValueError(f"trials must be >= 1, got {trials}")
+    _check_band(level, n_boot)
     rng = np.random.default_rng(seed)
     samples = rng.normal(0.0, 1.0, (trials, n))
-    idx = rng.integers(0, n, (trials, n_boot, n))
-    means = np.take_along_axis(samples[:, None, :].repeat(n_boot, 1), idx, 2).mean(2)
-    lo, hi = np.percentile(means, [(100 - level) / 2, 100 - (100 - level) / 2], axis=1)
+    boot_hits = 0
+    for first in range(0, trials, 100):  # 100 experiments at a time: memory stays small
+        part = samples[first : first + 100]
+        idx = rng.integers(0, n, (len(part), n_boot, n))
+        means = part[np.arange(len(part))[:, None, None], idx].mean(2)
+        lo, hi = np.percentile(means, [(100 - level) / 2, 100 - (100 - level) / 2], axis=1)
+        boot_hits += int(((lo <= 0) & (0 <= hi)).sum())
     half = stats.t.ppf(0.5 + level / 200, n - 1) * samples.std(1, ddof=1) / math.sqrt(n)
-    m = samples.mean(1)
+    nominal = level / 100
     return dict(
         runs=n,
-        bootstrap=float(((lo <= 0) & (0 <= hi)).mean()),
-        t_interval=float((np.abs(m) <= half).mean()),
-        nominal=level / 100,
+        bootstrap=boot_hits / trials,
+        t_interval=float((np.abs(samples.mean(1)) <= half).mean()),
+        nominal=nominal,
+        se=math.sqrt(nominal * (1 - nominal) / trials),
     )
 
 # %% ../../nbs/explain/11_visualise.ipynb #ffc3b3e9
@@ -395,6 +433,8 @@ def save_animation(
 
     if not frames:
         raise ValueError("no frames to animate: pass the list training_frames returned")
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     X, y = np.asarray(X), np.asarray(y)
@@ -410,6 +450,9 @@ def save_animation(
     os.close(fd)
     try:
         anim.save(tmp, writer=PillowWriter(fps=fps), dpi=80)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a site must be able to serve it
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -441,13 +484,18 @@ def try_boundary(
         )
     X, y = make_moons(n, noise=noise, random_state=seed)
     torch.manual_seed(seed)
+    device = get_device()
     model = nn.Sequential(
-        nn.Linear(2, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 2)
+        nn.Linear(2, width, device=device),
+        nn.ReLU(),
+        nn.Linear(width, width, device=device),
+        nn.ReLU(),
+        nn.Linear(width, 2, device=device),
     )
     half = n // 2
     frames = training_frames(model, X[:half], y[:half], epochs, 0.01, 32, 60, seed)
     with torch.no_grad():
-        pred = model(torch.tensor(X, dtype=torch.float32)).argmax(1).numpy()
+        pred = model(torch.tensor(X, dtype=torch.float32, device=device)).argmax(1).cpu().numpy()
     if plot:
         import matplotlib.pyplot as plt
 
@@ -518,31 +566,82 @@ def check_set_statistics(fn):
 def check_tensorboard_smoothing(fn):
     """`fn(values, weight)` against TensorBoard's smoothing: an exponential moving average started
     at 0 and debiased, that skips (and returns as they are) non-finite values, and leaves a constant
-    series as it is."""
-
-    def reference(values, w):
-        out, last, count = [], 0.0, 0
-        constant = all(v == values[0] for v in values)
-        for v in values:
-            if constant or not math.isfinite(v):
-                out.append(v)
-                continue
-            last = last * w + (1 - w) * v
-            count += 1
-            out.append(last / (1 - w**count) if w != 1 else last)
-        return np.array(out)
-
-    gen = np.random.default_rng(8)
-    noisy = np.exp(-np.linspace(0, 3, 40)) + 0.05 * gen.normal(size=40)
-    gaps = noisy.copy()
-    gaps[[0, 5, 6, 20]] = [np.nan, np.nan, np.inf, np.nan]
-    cases = [(noisy, 0.6), (noisy, 0.0), (noisy, 0.99), (gaps, 0.8), (np.full(6, 0.3), 0.9)]
-    for n, (values, w) in enumerate(cases):
-        want = reference(list(values), w)
-        got = np.asarray(fn(values.copy(), w), dtype=float)
+    series exactly as it is. The expected values were computed once, as explicit weighted means."""
+    noisy = [0.9131, 0.6945, 0.5115, 0.4237, 0.2203, 0.2463]
+    noisy += [0.1468, 0.1929, 0.1607, 0.1555, 0.1038, 0.0471]
+    gaps = list(noisy)
+    gaps[0], gaps[4], gaps[5], gaps[9] = math.nan, math.nan, math.inf, -math.inf
+    nan, inf = math.nan, math.inf
+    cases = [
+        (
+            noisy,
+            0.6,
+            [
+                0.9131,
+                0.776475,
+                0.6412836734693877,
+                0.5412911764705882,
+                0.40206877168632893,
+                0.3367119763694952,
+                0.25855941425900075,
+                0.2318469822737877,
+                0.20309847060320402,
+                0.18394325811697143,
+                0.15176922843770993,
+                0.10981020139372086,
+            ],
+        ),
+        (noisy, 0.0, noisy),
+        (
+            noisy,
+            0.99,
+            [
+                0.9131,
+                0.8032507537688441,
+                0.7050214841251137,
+                0.6336273222331038,
+                0.5492919329111905,
+                0.4975160090477815,
+                0.44589051333351576,
+                0.41314318142406226,
+                0.3839531783218471,
+                0.36006088215009036,
+                0.335576207225639,
+                0.31018555621084876,
+            ],
+        ),
+        (
+            gaps,
+            0.8,
+            [
+                nan,
+                0.6945,
+                0.5928333333333333,
+                0.523516393442623,
+                nan,
+                inf,
+                0.3959024390243903,
+                0.33551380295097577,
+                0.28812954289183806,
+                -inf,
+                0.24148065305064706,
+                0.1947673267935858,
+            ],
+        ),
+        ([nan, nan, nan], 0.5, [nan, nan, nan]),
+        ([], 0.6, []),
+    ]
+    for n, (values, w, want) in enumerate(cases):
+        want = np.array(want, dtype=float)
+        got = np.asarray(fn(np.array(values, dtype=float), w), dtype=float)
         assert got.shape == want.shape, f"case {n}: one smoothed value per value, got {got.shape}"
         same = np.isclose(got, want, rtol=1e-9, atol=1e-12) | (np.isnan(got) & np.isnan(want))
         assert same.all(), (
             f"case {n} (weight {w}), step {int(np.argmin(same))}: expected "
             f"{want[np.argmin(same)]:.6g}, got {got[np.argmin(same)]:.6g}"
         )
+    flat = np.full(6, 0.1)
+    got = np.asarray(fn(flat.copy(), 0.9), dtype=float)
+    assert got.shape == flat.shape and (got == flat).all(), (
+        "a constant series must come back exactly as it is (TensorBoard's rule), not recomputed"
+    )
