@@ -538,3 +538,40 @@ def test_chapter11_refuses_bad_settings(tmp_path):
     assert _raises(V.save_animation, frames, np.zeros((2, 2)), [0, 1], tmp_path / "b.gif", 0) == (
         "ValueError", "fps must be > 0, got 0")
     assert not (tmp_path / "b.gif").exists()
+
+
+def test_chapter23_refuses_bad_settings():
+    """Chapter 23's functions that take a learner's data or settings: one line naming the problem and the fix."""
+    import numpy as np
+    import torch
+    from torch import nn
+    from dlopt_labs.explain import embed as E
+    X = np.random.default_rng(0).normal(size=(20, 4))
+    assert _raises(E.pca, X, 5) == ("ValueError", "k must be between 1 and min(n, d) = 4, got 5")
+    assert _raises(E.pca, np.r_[X, [[np.nan] * 4]], 2) == (
+        "ValueError", "X holds NaN or infinite values: drop or fill them first")
+    assert _raises(E.joint_probabilities, X, 30.0) == (
+        "ValueError", "perplexity must be between 1 and the number of points - 1 (19), got 30.0: lower it or embed "
+        "more points")
+    assert _raises(E.tsne, X, 5.0, 100) == (
+        "ValueError", "iterations must be >= 250 (the early exaggeration phase), got 100")
+    assert _raises(E.tsne, X, 5.0, 300, np.zeros((20, 3))) == (
+        "ValueError", "init must be 'pca', 'random' or an array of shape (20, 2), got (20, 3)")
+    assert _raises(E.trustworthiness, X, X[:, :2], 10) == (
+        "ValueError", "k must be >= 1 and below half the points (10), got 10")
+    assert _raises(E.trustworthiness, X, X[:10, :2], 3) == (
+        "ValueError", "X and Y must hold the same points, got 20 and 10 rows")
+    assert _raises(E.knn_accuracy, X, np.zeros(5)) == (
+        "ValueError", "labels must have one entry per point, got 5 for 20")
+    assert _raises(E.pca, np.zeros(5), 1) == (
+        "ValueError", "X must be a 2-D array (points, features) with at least 3 points, got shape (5,)")
+    net = nn.Sequential(nn.Linear(4, 2))
+    assert _raises(E.hidden_activations, net, nn.Linear(4, 2), torch.zeros(3, 4)) == (
+        "ValueError", "layer must be a module of model (e.g. model[2]), not a copy or another model's")
+    assert _raises(E.cluster_geometry, X, np.repeat([0, 1], 10)) == (
+        "ValueError", "need at least 3 clusters to compare sizes and distances, got 2")
+    assert _raises(E.channel_selectivity, torch.zeros(2, 3, 4, 4), torch.zeros(3, 4, 4)) == (
+        "ValueError", "need maps (n, C, h, w) and masks (n, H, W) for the same n images, got (2, 3, 4, 4) and "
+        "(3, 4, 4)")
+    assert _raises(E.try_tsne, 30.0, 0, 20) == (
+        "ValueError", "need 50 <= points <= 1797 and iterations >= 250, got 20 and 500")

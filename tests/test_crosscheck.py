@@ -1132,3 +1132,92 @@ def test_network_attempts_reports_the_host_and_lets_offline_calls_run():
     assert got["hosts"] == ["example.invalid"] and got["error"].startswith("OSError") and got["result"] is None
     ok = V11.network_attempts(lambda a, b: a + b, 2, b=3)
     assert ok == dict(hosts=[], error=None, result=5)
+
+
+# chapter 23: PCA, t-SNE (affinities, gradient, the whole descent), trustworthiness, k-NN accuracy -----------------------
+
+from dlopt_labs.explain import embed as E23
+
+
+def _iris_like():
+    from sklearn.datasets import load_iris
+    X = load_iris().data.astype(np.float64)                  # a data set the chapter does not embed
+    return X + 1e-6 * np.random.default_rng(0).normal(size=X.shape), load_iris().target   # no tied distances
+
+
+def test_pca_equals_scikit_learn():
+    from sklearn.decomposition import PCA
+    X, _ = _iris_like()
+    for k in (1, 2, 3):
+        mine, ref = E23.pca(X, k), PCA(k, svd_solver="full").fit(X)
+        np.testing.assert_allclose(np.abs(mine["components"]), np.abs(ref.components_), atol=1e-10)
+        np.testing.assert_allclose(mine["explained"], ref.explained_variance_ratio_, rtol=1e-10)
+        signs = np.sign((mine["components"] * ref.components_).sum(1))
+        np.testing.assert_allclose(mine["scores"], ref.transform(X) * signs, atol=1e-9)
+
+
+def test_affinities_and_gradient_equal_scikit_learn():
+    from sklearn.manifold._t_sne import _joint_probabilities, _kl_divergence
+    from scipy.spatial.distance import pdist, squareform
+    X, _ = _iris_like()
+    for perplexity in (5.0, 30.0):
+        ref = _joint_probabilities(squareform(pdist(X, "sqeuclidean")).astype(np.float32), perplexity, 0)
+        np.testing.assert_allclose(E23.joint_probabilities(X, perplexity), ref, rtol=1e-12, atol=1e-15)
+    P = E23.joint_probabilities(X, 20.0)
+    Y = np.random.default_rng(1).normal(size=(len(X), 2)).astype(np.float32)
+    kl_ref, grad_ref = _kl_divergence(Y.ravel().copy(), P, 1, len(X), 2)
+    kl, grad = E23.kl_and_gradient(Y, P)
+    assert kl == pytest.approx(kl_ref, rel=1e-12)
+    np.testing.assert_array_equal(grad.ravel(), grad_ref)                      # the same operations, the same bits
+
+
+@pytest.mark.parametrize("init", ["array", "random"])
+def test_tsne_equals_scikit_learn_exact_to_the_last_bit(init):
+    """From the same start, the whole descent (early exaggeration, gains, momentum, stopping rules) lands on
+    scikit-learn's embedding exactly; the KL divergence too."""
+    from sklearn.manifold import TSNE
+    X, _ = _iris_like()
+    X = X[::2]
+    start = (1e-4 * np.random.default_rng(3).normal(size=(len(X), 2))).astype(np.float32)
+    for perplexity, steps in ((10.0, 300), (25.0, 600)):
+        ref = TSNE(perplexity=perplexity, max_iter=steps, method="exact", learning_rate="auto",
+                   init=start.copy() if init == "array" else "random", random_state=7).fit(X)
+        mine = E23.tsne(X, perplexity, steps, init=start.copy() if init == "array" else "random", seed=7)
+        np.testing.assert_array_equal(mine["embedding"], ref.embedding_.astype(np.float64))
+        assert mine["kl"] == pytest.approx(ref.kl_divergence_, rel=1e-12)
+
+
+def test_trustworthiness_and_knn_accuracy_equal_scikit_learn():
+    from sklearn.manifold import trustworthiness
+    from sklearn.model_selection import LeaveOneOut, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+    X, y = _iris_like()
+    g = np.random.default_rng(2)
+    for Y in (X[:, :2], X @ g.normal(size=(4, 2)), g.normal(size=(len(X), 2))):
+        for k in (1, 5, 12):
+            assert E23.trustworthiness(X, Y, k) == pytest.approx(trustworthiness(X, Y, n_neighbors=k), abs=1e-12)
+        for k in (1, 5):
+            ref = cross_val_score(KNeighborsClassifier(k), Y, y, cv=LeaveOneOut()).mean()
+            assert E23.knn_accuracy(Y, y, k) == pytest.approx(ref, abs=1e-12)
+    assert E23.trustworthiness(X, X[:, :4] * 3, 5) == pytest.approx(1.0)                 # a similarity keeps all
+
+
+def test_cluster_geometry_hidden_activations_and_channel_selectivity():
+    Z = np.r_[np.zeros((3, 2)) + [0, 0], np.zeros((3, 2)) + [3, 4], np.zeros((3, 2)) + [0, 8]]
+    Z[[0, 3, 6]] += [[1, 0], [0, 2], [0.5, 0]]
+    g = E23.cluster_geometry(Z, np.repeat([2, 0, 1], 3))
+    assert list(g["classes"]) == [0, 1, 2]
+    np.testing.assert_allclose(g["sizes"], [np.sqrt((2 * (2 / 3) ** 2 + (4 / 3) ** 2) / 3),
+                                            np.sqrt((2 * (1 / 6) ** 2 + (1 / 3) ** 2) / 3),
+                                            np.sqrt((2 * (1 / 3) ** 2 + (2 / 3) ** 2) / 3)])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).train()
+    x = torch.randn(7, 3)
+    H = E23.hidden_activations(model, model[1], x, batch_size=3)
+    np.testing.assert_allclose(H, torch.relu(model[0](x)).detach().double().numpy(), rtol=1e-6)
+    assert model.training and not model[1]._forward_hooks
+    maps = torch.zeros(2, 2, 4, 4); maps[:, 0, :2] = 1.0; maps[:, 1] = 1.0
+    masks = torch.zeros(2, 4, 4); masks[:, :2] = 1.0
+    table = E23.channel_selectivity(maps, masks)
+    assert table.object.tolist() == [1.0, 1.0] and table.background.tolist() == [0.0, 1.0]
+    assert table.ratio[1] == pytest.approx(1.0)

@@ -1015,3 +1015,65 @@ def test_ch11_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
         return by_weights(np.nan_to_num(np.asarray(values, float), nan=0.0, posinf=0.0, neginf=0.0), w)
     for wrong in (pandas_ewm, not_debiased, counts_the_gaps, started_at_first, no_constant_rule, nan_as_zero):
         assert status(V11.check_tensorboard_smoothing, wrong) == "failed"
+
+
+# chapter 23, exercise 1: the heavy-tailed t-SNE gradient ------------------------------------------------------------
+
+from dlopt_labs.explain import embed as E23
+
+
+def test_ch23_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    from scipy.spatial.distance import pdist, squareform
+    from sklearn.manifold._t_sne import _kl_divergence
+    def by_pairs(Y, P, dof):                           # an explicit loop over pairs instead of matrices
+        n, grad, k = len(Y), np.zeros_like(Y), 0
+        d2 = pdist(Y, "sqeuclidean"); w = (1 + d2 / dof) ** (-(dof + 1) / 2); Z = 2 * w.sum()
+        for i in range(n):
+            for j in range(i + 1, n):
+                f = 2 * (dof + 1) / dof * (P[k] - w[k] / Z) / (1 + d2[k] / dof) * (Y[i] - Y[j])
+                grad[i] += f; grad[j] -= f; k += 1
+        return grad
+    assert status(E23.check_heavy_tailed_gradient, by_pairs) == "passed"
+    def chapter_nu_1(Y, P, dof): return E23.kl_and_gradient(Y, P)[1]
+    def scikit_learn(Y, P, dof):                       # multiplies by the kernel itself: right only for dof = 1
+        return _kl_divergence(Y.ravel().copy(), P, dof, len(Y), 2)[1].reshape(Y.shape)
+    def constant_four(Y, P, dof):                      # the factor of the dof = 1 case kept
+        base = 1 + pdist(Y, "sqeuclidean") / dof; w = base ** (-(dof + 1) / 2)
+        M = squareform((P - w / (2 * w.sum())) / base)
+        return 4 * (M.sum(1)[:, None] * Y - M @ Y)
+    def no_normaliser(Y, P, dof):                      # forgets that Q is normalised: only the attraction
+        base = 1 + pdist(Y, "sqeuclidean") / dof
+        M = squareform(P / base)
+        return 2 * (dof + 1) / dof * (M.sum(1)[:, None] * Y - M @ Y)
+    for wrong in (chapter_nu_1, scikit_learn, constant_four, no_normaliser):
+        assert status(E23.check_heavy_tailed_gradient, wrong) == "failed"
+
+
+# chapter 23, exercise 2: classical multidimensional scaling ---------------------------------------------------------
+
+def test_ch23_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def by_svd(D, k):                                  # the Gram matrix's SVD instead of its eigendecomposition
+        n = len(D); J = np.eye(n) - 1 / n; B = -0.5 * J @ (np.asarray(D) ** 2) @ J
+        U, s, _ = np.linalg.svd((B + B.T) / 2)
+        signs = np.sign(np.einsum("ij,ji->i", U.T, B @ U))   # singular values of negative eigenvalues
+        keep = np.argsort(-(s * signs))[:k]
+        return U[:, keep] * np.sqrt(np.maximum(s[keep] * signs[keep], 0))
+    assert status(E23.check_classical_mds, by_svd) == "passed"
+    def smacof(D, k):                                  # scikit-learn's MDS: stress majorisation, another picture
+        import warnings
+        from sklearn.manifold import MDS
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)    # scikit-learn 1.8 renames dissimilarity, moves init
+            return MDS(k, dissimilarity="precomputed", init="random", random_state=0, n_init=1,
+                       normalized_stress=False).fit_transform(D)
+    def distances_not_squared(D, k):
+        n = len(D); J = np.eye(n) - 1 / n; w, V = np.linalg.eigh(-0.5 * J @ np.asarray(D) @ J)
+        top = np.argsort(w)[::-1][:k]; return V[:, top] * np.sqrt(np.maximum(w[top], 0))
+    def not_centred(D, k):
+        w, V = np.linalg.eigh(-0.5 * np.asarray(D) ** 2)
+        top = np.argsort(w)[::-1][:k]; return V[:, top] * np.sqrt(np.maximum(w[top], 0))
+    def unscaled(D, k):                                # eigenvectors without the square roots of their values
+        n = len(D); J = np.eye(n) - 1 / n; w, V = np.linalg.eigh(-0.5 * J @ (np.asarray(D) ** 2) @ J)
+        return V[:, np.argsort(w)[::-1][:k]]
+    for wrong in (smacof, distances_not_squared, not_centred, unscaled):
+        assert status(E23.check_classical_mds, wrong) == "failed"

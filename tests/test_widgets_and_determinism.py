@@ -155,3 +155,14 @@ def test_boundary_widget_equals_direct_call():
     direct = try_boundary(12, 3, 0.4, 3, n=120, plot=False)
     pd.testing.assert_frame_equal(w.result, direct)
     assert direct.params[0] == 2 * 12 + 12 + 12 * 12 + 12 + 12 * 2 + 2
+
+
+def test_tsne_widget_equals_direct_call():
+    from dlopt_labs.explain.embed import try_tsne
+    fn = lambda perplexity, seed, points, iterations: try_tsne(perplexity, seed, points, iterations, plot=False)
+    w = try_it(fn, dict(perplexity=30.0, seed=0, points=60, iterations=250),
+               dict(perplexity=(2.0, 100.0, 1.0), seed=(0, 9, 1), points=(50, 600, 50), iterations=(250, 1500, 50)))
+    w.controls["perplexity"].value = 12.0; w.controls["seed"].value = 2
+    direct = try_tsne(12.0, 2, 60, 250, plot=False)
+    pd.testing.assert_frame_equal(w.result, direct)
+    assert 0.5 < direct.trustworthiness[0] <= 1 and direct.perplexity[0] == 12.0
