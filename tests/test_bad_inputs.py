@@ -573,5 +573,14 @@ def test_chapter23_refuses_bad_settings():
     assert _raises(E.channel_selectivity, torch.zeros(2, 3, 4, 4), torch.zeros(3, 4, 4)) == (
         "ValueError", "need maps (n, C, h, w) and masks (n, H, W) for the same n images, got (2, 3, 4, 4) and "
         "(3, 4, 4)")
+    assert _raises(E.knn_accuracy, X, np.zeros(20), 20) == (
+        "ValueError", "k must be >= 1 and below the number of points (20), got 20")
+    assert _raises(E.channel_selectivity, torch.zeros(2, 3, 4, 4), torch.full((2, 4, 4), 255.0)) == (
+        "ValueError", "masks must hold shares of object in [0, 1] (1: object, 0: background)")
+    shared = nn.Linear(4, 4)
+    twice = nn.Sequential(shared, nn.ReLU(), shared)
+    assert _raises(E.hidden_activations, twice, shared, torch.zeros(3, 4)) == (
+        "ValueError", "layer ran 2 times per forward pass: pick a module that runs once (a shared module's "
+        "outputs cannot be told apart)")
     assert _raises(E.try_tsne, 30.0, 0, 20) == (
         "ValueError", "need 50 <= points <= 1797 and iterations >= 250, got 20 and 500")

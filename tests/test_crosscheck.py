@@ -1163,6 +1163,11 @@ def test_affinities_and_gradient_equal_scikit_learn():
     for perplexity in (5.0, 30.0):
         ref = _joint_probabilities(squareform(pdist(X, "sqeuclidean")).astype(np.float32), perplexity, 0)
         np.testing.assert_allclose(E23.joint_probabilities(X, perplexity), ref, rtol=1e-12, atol=1e-15)
+    cond = E23.conditional_probabilities(squareform(pdist(X, "sqeuclidean")), 12.0)
+    entropy = -(cond * np.log(np.where(cond > 0, cond, 1))).sum(1)
+    np.testing.assert_allclose(entropy, np.log(12.0), atol=1e-4)                 # every row at its perplexity
+    np.testing.assert_allclose(cond.sum(1), 1.0, rtol=1e-12)
+    np.testing.assert_array_equal(np.diag(cond), 0)
     P = E23.joint_probabilities(X, 20.0)
     Y = np.random.default_rng(1).normal(size=(len(X), 2)).astype(np.float32)
     kl_ref, grad_ref = _kl_divergence(Y.ravel().copy(), P, 1, len(X), 2)
@@ -1185,6 +1190,9 @@ def test_tsne_equals_scikit_learn_exact_to_the_last_bit(init):
         mine = E23.tsne(X, perplexity, steps, init=start.copy() if init == "array" else "random", seed=7)
         np.testing.assert_array_equal(mine["embedding"], ref.embedding_.astype(np.float64))
         assert mine["kl"] == pytest.approx(ref.kl_divergence_, rel=1e-12)
+    only_exaggerated = E23.tsne(X, 10.0, 250, init=start.copy())            # the KL of P, not of 12 P
+    assert only_exaggerated["kl"] == pytest.approx(
+        E23.kl_and_gradient(only_exaggerated["embedding"].astype(np.float32), E23.joint_probabilities(X, 10.0))[0])
 
 
 def test_trustworthiness_and_knn_accuracy_equal_scikit_learn():

@@ -1049,31 +1049,33 @@ def test_ch23_exercise1_accepts_a_different_correct_solution_and_refuses_likely_
         assert status(E23.check_heavy_tailed_gradient, wrong) == "failed"
 
 
-# chapter 23, exercise 2: classical multidimensional scaling ---------------------------------------------------------
+# chapter 23, exercise 2: new points in a classical MDS picture ---------------------------------------------------
 
 def test_ch23_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
-    def by_svd(D, k):                                  # the Gram matrix's SVD instead of its eigendecomposition
-        n = len(D); J = np.eye(n) - 1 / n; B = -0.5 * J @ (np.asarray(D) ** 2) @ J
-        U, s, _ = np.linalg.svd((B + B.T) / 2)
-        signs = np.sign(np.einsum("ij,ji->i", U.T, B @ U))   # singular values of negative eigenvalues
-        keep = np.argsort(-(s * signs))[:k]
-        return U[:, keep] * np.sqrt(np.maximum(s[keep] * signs[keep], 0))
-    assert status(E23.check_classical_mds, by_svd) == "passed"
-    def smacof(D, k):                                  # scikit-learn's MDS: stress majorisation, another picture
-        import warnings
-        from sklearn.manifold import MDS
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)    # scikit-learn 1.8 renames dissimilarity, moves init
-            return MDS(k, dissimilarity="precomputed", init="random", random_state=0, n_init=1,
-                       normalized_stress=False).fit_transform(D)
-    def distances_not_squared(D, k):
-        n = len(D); J = np.eye(n) - 1 / n; w, V = np.linalg.eigh(-0.5 * J @ np.asarray(D) @ J)
-        top = np.argsort(w)[::-1][:k]; return V[:, top] * np.sqrt(np.maximum(w[top], 0))
-    def not_centred(D, k):
-        w, V = np.linalg.eigh(-0.5 * np.asarray(D) ** 2)
-        top = np.argsort(w)[::-1][:k]; return V[:, top] * np.sqrt(np.maximum(w[top], 0))
-    def unscaled(D, k):                                # eigenvectors without the square roots of their values
+    from scipy.spatial.distance import pdist, squareform
+    def by_gram(D, D_new, k):                          # old picture from the library, new points from the Gram rows
+        from sklearn.manifold import ClassicalMDS
+        D = np.asarray(D); old = ClassicalMDS(k, metric="precomputed").fit_transform(D)
+        d2, n2 = D ** 2, np.asarray(D_new) ** 2
+        G = -0.5 * (n2 - n2.mean(1, keepdims=True) - d2.mean(0) + d2.mean())   # centred inner products
+        return old, G @ old / (old ** 2).sum(0)
+    assert status(E23.check_new_points, by_gram) == "passed"
+    def _mds(D, k):
         n = len(D); J = np.eye(n) - 1 / n; w, V = np.linalg.eigh(-0.5 * J @ (np.asarray(D) ** 2) @ J)
-        return V[:, np.argsort(w)[::-1][:k]]
-    for wrong in (smacof, distances_not_squared, not_centred, unscaled):
-        assert status(E23.check_classical_mds, wrong) == "failed"
+        top = np.argsort(w)[::-1][:k]; return np.maximum(w[top], 1e-12), V[:, top]
+    def redraw_all(D, D_new, k):                       # classical MDS of old and new together: the old points move
+        D, D_new = np.asarray(D), np.asarray(D_new); m = len(D_new)
+        between = squareform(pdist(np.zeros((m, 1)))) + np.median(D)   # unknown: guessed
+        full = np.block([[D, D_new.T], [D_new, between]])
+        w, V = _mds(full, k); pic = V * np.sqrt(w); return pic[: len(D)], pic[len(D):]
+    def unsquared(D, D_new, k):                        # Gower's formula on distances instead of squared distances
+        w, V = _mds(D, k); D, D_new = np.asarray(D), np.asarray(D_new)
+        return V * np.sqrt(w), 0.5 * (D.mean(0) - D_new) @ V / np.sqrt(w)
+    def no_centring(D, D_new, k):                      # forgets the old points' mean squared distances
+        w, V = _mds(D, k)
+        return V * np.sqrt(w), -0.5 * (np.asarray(D_new) ** 2) @ V / np.sqrt(w)
+    def wrong_scale(D, D_new, k):                      # multiplies by the root of the eigenvalue instead of dividing
+        w, V = _mds(D, k); d2 = np.asarray(D) ** 2
+        return V * np.sqrt(w), 0.5 * (d2.mean(0) - np.asarray(D_new) ** 2) @ V * np.sqrt(w)
+    for wrong in (redraw_all, unsquared, no_centring, wrong_scale):
+        assert status(E23.check_new_points, wrong) == "failed"
