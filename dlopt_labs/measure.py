@@ -16,8 +16,8 @@ from .training import evaluate
 
 # %% auto #0
 __all__ = ['TIMING_COLUMNS', 'RATIO_COLUMNS', 'Timing', 'threads', 'time_it', 'Comparison', 'speed_rule', 'compare_speed',
-           'paired_bootstrap', 'in_own_process', 'peak_memory', 'model_size_bytes', 'count_params', 'count_flops',
-           'variants', 'split_timings']
+           'paired_bootstrap', 'mean_interval', 'in_own_process', 'peak_memory', 'model_size_bytes', 'count_params',
+           'count_flops', 'variants', 'split_timings']
 
 # %% ../nbs/foundations/04_measure.ipynb #ce6777fc
 @dataclass
@@ -156,6 +156,19 @@ def paired_bootstrap(metric, # metric(predictions, labels) -> float, e.g. accura
     q = (1 - level) / 2
     return dict(diff=float(metric(b, y)) - float(metric(a, y)), diff_lo=float(np.quantile(diffs, q)),
                 diff_hi=float(np.quantile(diffs, 1 - q)))
+
+# %% ../nbs/foundations/04_measure.ipynb #e729165c
+def mean_interval(diffs, # one value (often a difference) per seed
+                  name: str, # prefix of the keys
+                  level: float = 0.95, # confidence level
+                 ) -> dict:
+    "Mean of per-seed values with its Student-t interval: {name, name_lo, name_hi}."
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.ndim != 1 or len(d) < 2:
+        raise ValueError(f"an interval needs at least 2 seeds, got {d.size}: raise SEEDS")
+    from scipy import stats
+    half = stats.t.ppf(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return {name: float(d.mean()), f"{name}_lo": float(d.mean() - half), f"{name}_hi": float(d.mean() + half)}
 
 # %% ../nbs/foundations/04_measure.ipynb #a42d25a2
 def _status_kib(field):

@@ -333,6 +333,7 @@ def test_chapter14_refuses_bad_settings():
 def test_chapter03_refuses_bad_settings(tmp_path):
     """Chapter 03's functions that take a learner's data or settings: one line naming the problem and the fix."""
     import numpy as np
+    from dlopt_labs import measure
     from dlopt_labs.explain import agnostic as A
     score = lambda X, y: 0.0
     assert _raises(A.permutation_importance, score, np.zeros((5, 3)), np.zeros(4)) == (
@@ -352,7 +353,7 @@ def test_chapter03_refuses_bad_settings(tmp_path):
     assert _raises(A.tabular_net, 4, 2, activation="swish") == (
         "ValueError", "activation must be one of ['elu', 'gelu', 'relu', 'sigmoid', 'silu', 'tanh'], got 'swish'; "
         "add a new one to ACTIVATIONS first")
-    assert _raises(A.mean_interval, [0.1], "lead") == (
+    assert _raises(measure.mean_interval, [0.1], "lead") == (
         "ValueError", "an interval needs at least 2 seeds, got 1: raise SEEDS")
     assert _raises(A.read_scalars, tmp_path / "nothing") == (
         "FileNotFoundError", f"no TensorBoard log folder at {tmp_path / 'nothing'}: train with TensorBoardLog first")

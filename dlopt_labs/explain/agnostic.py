@@ -17,12 +17,13 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader, TensorDataset
 from ..lab import exercise
+from ..measure import mean_interval
 from ..training import Callback, fit
 
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'tabular_net', 'train_net', 'model_fn', 'TensorBoardLog', 'read_scalars', 'permutation_importance',
            'coalitions', 'kernel_shap', 'explain_rows', 'effective_features', 'lime_explain', 'top_k_overlap',
-           'mean_interval', 'explainability', 'prune_and_finetune', 'try_explain', 'check_shapley_interactions',
+           'explainability', 'prune_and_finetune', 'try_explain', 'check_shapley_interactions',
            'check_drop_column_importance']
 
 # %% ../../nbs/explain/03_agnostic.ipynb #3efcff3c
@@ -396,25 +397,6 @@ def top_k_overlap(a, b, k: int = 5) -> float:
     return len(ta & tb) / k
 
 # %% ../../nbs/explain/03_agnostic.ipynb #d8a4a94e
-def mean_interval(
-    diffs,  # one difference per seed
-    name: str,  # prefix of the keys
-    level: float = 0.95,  # confidence level
-) -> dict:
-    "Mean of per-seed differences with its t-interval: {name, name_lo, name_hi}."
-    d = np.asarray(diffs, dtype=np.float64)
-    if len(d) < 2:
-        raise ValueError(f"an interval needs at least 2 seeds, got {len(d)}: raise SEEDS")
-    from scipy import stats
-
-    half = stats.t.ppf(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-    return {
-        name: float(d.mean()),
-        f"{name}_lo": float(d.mean() - half),
-        f"{name}_hi": float(d.mean() + half),
-    }
-
-
 def explainability(
     net: nn.Module,  # a trained classifier
     X,
