@@ -1229,3 +1229,108 @@ def test_cluster_geometry_hidden_activations_and_channel_selectivity():
     table = E23.channel_selectivity(maps, masks)
     assert table.object.tolist() == [1.0, 1.0] and table.background.tolist() == [0.0, 1.0]
     assert table.ratio[1] == pytest.approx(1.0)
+
+
+# chapter 09: folds, cross_validate with a Pipeline, ROC-AUC, average precision, isolation forest, k-means -----------
+
+from dlopt_labs.reliable import validate as V09
+
+
+def _tabular(seed, n=150, classes=3):
+    from sklearn.datasets import make_classification                 # generated, unlike the chapter's, with 3 classes
+    return make_classification(n_samples=n, n_features=8, n_informative=4, n_classes=classes, weights=None,
+                               random_state=seed)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_folds_equal_scikit_learn_fold_for_fold(shuffle):
+    from sklearn.model_selection import KFold, StratifiedKFold
+    gen = np.random.default_rng(5)
+    for y in (gen.integers(0, 4, 97), np.repeat(["b", "a", "c"], [11, 30, 6]), gen.integers(0, 2, 41)):
+        for k in (2, 3, 5):
+            state = 11 if shuffle else None
+            ours = V09.folds_from_ids(V09.stratified_fold_ids(y, k, shuffle=shuffle, seed=11))
+            ref = StratifiedKFold(k, shuffle=shuffle, random_state=state).split(np.zeros(len(y)), y)
+            for (tr, te), (rtr, rte) in zip(ours, ref, strict=True):
+                assert np.array_equal(te, rte) and np.array_equal(tr, rtr)
+            ours = V09.folds_from_ids(V09.kfold_ids(len(y), k, shuffle=shuffle, seed=11))
+            ref = KFold(k, shuffle=shuffle, random_state=state).split(np.zeros(len(y)))
+            for (tr, te), (rtr, rte) in zip(ours, ref, strict=True):
+                assert np.array_equal(te, rte) and np.array_equal(tr, rtr)
+
+
+def test_cross_validate_with_a_pipeline_equals_scikit_learn():
+    from sklearn.feature_selection import SelectKBest, f_classif
+    from sklearn.model_selection import cross_validate
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    for classes in (2, 3):
+        X, y = _tabular(3, classes=classes)
+        folds = V09.folds_from_ids(V09.stratified_fold_ids(y, 4, seed=2))
+        net = V09.NetClassifier(hidden=8, steps=40, seed=1)
+        ours = V09.cross_validate(make_pipeline(StandardScaler(), V09.TopF(5), net), X, y, folds)["table"]
+        scoring = ["accuracy", "roc_auc"] if classes == 2 else ["accuracy"]
+        ref = cross_validate(make_pipeline(StandardScaler(), SelectKBest(f_classif, k=5), net), X, y, cv=folds,
+                             scoring=scoring)
+        np.testing.assert_allclose(ours.accuracy, ref["test_accuracy"], rtol=0, atol=1e-12)
+        if classes == 2:
+            np.testing.assert_allclose(ours.roc_auc, ref["test_roc_auc"], rtol=0, atol=1e-12)
+        keep = V09.TopF(5).fit(X, y).keep_
+        assert np.array_equal(keep, SelectKBest(f_classif, k=5).fit(X, y).get_support(indices=True))
+
+
+def test_roc_auc_and_average_precision_equal_scikit_learn_with_ties_and_imbalance():
+    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
+    gen = np.random.default_rng(9)
+    for n, share, decimals in ((500, 0.02, 1), (300, 0.3, 0), (64, 0.5, 2), (1000, 0.1, 3)):
+        y = (gen.random(n) < share).astype(int); y[:2] = [0, 1]
+        s = np.round(gen.normal(size=n) + 1.2 * y, decimals)       # rounding makes ties
+        assert V09.roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        assert V09.average_precision(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+        p, r, _ = precision_recall_curve(y, s)
+        assert V09.pr_auc_trapezoid(y, s) == pytest.approx(auc(r, p), abs=1e-12)
+
+
+def test_isolation_scores_of_scikit_learn_trees_equal_minus_score_samples():
+    from sklearn.ensemble import IsolationForest
+    gen = np.random.default_rng(4)
+    X = np.r_[gen.normal(size=(400, 3)), gen.normal(4, 1, size=(12, 3))]
+    for n_trees, samples in ((25, 64), (60, 256)):
+        iso = IsolationForest(n_estimators=n_trees, max_samples=samples, random_state=1).fit(X)
+        forest = dict(sample=iso.max_samples_, trees=[
+            {k: getattr(e.tree_, k) for k in ("feature", "threshold", "children_left", "children_right", "n_node_samples")}
+            for e in iso.estimators_])
+        np.testing.assert_allclose(V09.anomaly_score(forest, X.astype(np.float32)), -iso.score_samples(X),
+                                   rtol=1e-12, atol=0)
+    ours = V09.anomaly_score(V09.isolation_forest(X, 100, 256, seed=0), X)        # grown from scratch: other trees
+    ref = -IsolationForest(n_estimators=100, random_state=0).fit(X).score_samples(X)
+    assert np.corrcoef(ours, ref)[0, 1] > 0.9
+    outlier = np.arange(len(X)) >= 400
+    assert abs(V09.roc_auc(outlier, ours) - V09.roc_auc(outlier, ref)) < 0.03
+
+
+def test_kmeans_equals_scikit_learn_lloyd_from_the_same_start():
+    from sklearn.cluster import KMeans
+    X, _ = _tabular(8, n=300)
+    for k in (2, 5, 9):
+        start = V09.kmeans(X, k, seed=3, steps=0)["centres"]                     # k-means++ starts, no step
+        ours = V09.kmeans(X, k, init=start, steps=300)
+        ref = KMeans(k, init=start, n_init=1, algorithm="lloyd", tol=0, max_iter=300).fit(X)
+        np.testing.assert_allclose(ours["centres"], ref.cluster_centers_, rtol=0, atol=1e-10)
+        assert np.array_equal(ours["labels"], ref.labels_)
+        assert ours["inertia"] == pytest.approx(ref.inertia_, rel=1e-10)
+        assert np.allclose(V09.centre_distance(ours, X), np.sqrt(ref.transform(X).min(1) ** 2), atol=1e-9)
+
+
+def test_nested_cv_and_tune_agree_with_scikit_learn_grid_search():
+    from sklearn.model_selection import GridSearchCV
+    X, y = _tabular(12, n=120)
+    net = V09.NetClassifier(steps=40, seed=0)
+    cands = [dict(hidden=4, weight_decay=1e-4), dict(hidden=16, weight_decay=1e-4), dict(hidden=16, weight_decay=0.3)]
+    folds = V09.folds_from_ids(V09.stratified_fold_ids(y, 3, seed=5))
+    best, score = V09.tune(net, cands, X, y, folds)
+    grid = GridSearchCV(net, [{k: [v] for k, v in c.items()} for c in cands], cv=folds, refit=False).fit(X, y)
+    assert best == grid.cv_results_["params"][int(np.argmax(grid.cv_results_["mean_test_score"]))]
+    assert score == pytest.approx(grid.cv_results_["mean_test_score"].max(), abs=1e-12)   # equal-size folds
+    out = V09.nested_cv(net, cands, X, y, outer=3, inner=2, seed=0)
+    assert 0 <= out["nested"] <= 1 and len(out["chosen"]) == 3 and out["best"] in cands

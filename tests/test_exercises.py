@@ -1079,3 +1079,64 @@ def test_ch23_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
         return V * np.sqrt(w), 0.5 * (d2.mean(0) - np.asarray(D_new) ** 2) @ V * np.sqrt(w)
     for wrong in (redraw_all, unsquared, no_centring, wrong_scale):
         assert status(E23.check_new_points, wrong) == "failed"
+
+
+# chapter 09, exercise 1: DeLong's standard error of ROC-AUC ---------------------------------------------------------
+
+from dlopt_labs.reliable import validate as V09
+
+
+def test_ch09_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def by_search(y, score):                           # placements by binary search in the sorted scores
+        y, s = np.asarray(y, bool), np.asarray(score, float)
+        pos, neg = np.sort(s[y]), np.sort(s[~y])
+        below = lambda a, b: (np.searchsorted(b, a, "left") + np.searchsorted(b, a, "right")) / (2 * len(b))
+        v10, v01 = below(s[y], neg), 1 - below(s[~y], pos)
+        return v10.mean(), math.sqrt(v10.var(ddof=1) / len(v10) + v01.var(ddof=1) / len(v01))
+    assert status(V09.check_delong, by_search) == "passed"
+    def hanley_mcneil(y, score):                       # the binormal-free formula of Hanley and McNeil (1982)
+        a = V09.roc_auc(y, score); n1 = int(np.sum(y)); n0 = len(y) - n1
+        q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+        return a, math.sqrt((a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n0 - 1) * (q2 - a * a)) / (n1 * n0))
+    def population_variance(y, score):                 # ddof=0
+        y, s = np.asarray(y, bool), np.asarray(score, float)
+        psi = (s[y][:, None] > s[~y][None]) + 0.5 * (s[y][:, None] == s[~y][None])
+        return psi.mean(), math.sqrt(psi.mean(1).var() / y.sum() + psi.mean(0).var() / (~y).sum())
+    def swapped_counts(y, score):                      # each variance divided by the other class's count
+        y, s = np.asarray(y, bool), np.asarray(score, float)
+        psi = (s[y][:, None] > s[~y][None]) + 0.5 * (s[y][:, None] == s[~y][None])
+        return psi.mean(), math.sqrt(psi.mean(1).var(ddof=1) / (~y).sum() + psi.mean(0).var(ddof=1) / y.sum())
+    def bootstrap_halfwidth(y, score):                 # the chapter's own bootstrap, turned into an se
+        lo, hi = V09.bootstrap_interval(V09.roc_auc, y, score, draws=200)
+        return V09.roc_auc(y, score), (hi - lo) / (2 * 1.96)
+    for wrong in (hanley_mcneil, population_variance, swapped_counts, bootstrap_halfwidth, V09.roc_auc,
+                  V09.bootstrap_interval):
+        assert status(V09.check_delong, wrong) == "failed"
+
+
+# chapter 09, exercise 2: group k-fold ---------------------------------------------------------------------------
+
+def test_ch09_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    import heapq
+    def by_heap(groups, k):                            # a heap of (rows, fold) instead of argmin over an array
+        names, sizes = np.unique(groups, return_counts=True)
+        if len(names) < k: raise ValueError("fewer groups than folds")
+        heap = [(0, f) for f in range(k)]; fold_of = {}
+        for g in sorted(range(len(names)), key=lambda i: (-sizes[i], i)):
+            rows, f = heapq.heappop(heap); fold_of[names[g]] = f; heapq.heappush(heap, (rows + sizes[g], f))
+        return np.array([fold_of[g] for g in groups])
+    assert status(V09.check_group_folds, by_heap) == "passed"
+    def round_robin(groups, k):                        # groups dealt in turn, ignoring their sizes
+        names = np.unique(groups)
+        if len(names) < k: raise ValueError("fewer groups than folds")
+        return np.searchsorted(names, groups) % k
+    def rows_not_groups(groups, k): return V09.kfold_ids(len(groups), k, seed=0)
+    def stratified_by_group(groups, k): return V09.stratified_fold_ids(groups, k, seed=0)
+    def no_refusal(groups, k):                         # balanced, but fills folds with nothing when groups are few
+        names, of_row, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+        load, fold = np.zeros(k), np.empty(len(names), dtype=int)
+        for g in np.argsort(-sizes, kind="stable"):
+            fold[g] = load.argmin(); load[fold[g]] += sizes[g]
+        return fold[of_row]
+    for wrong in (round_robin, rows_not_groups, stratified_by_group, no_refusal):
+        assert status(V09.check_group_folds, wrong) == "failed"
