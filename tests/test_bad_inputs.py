@@ -585,3 +585,44 @@ def test_chapter23_refuses_bad_settings():
         "outputs cannot be told apart)")
     assert _raises(E.try_tsne, 30.0, 0, 20) == (
         "ValueError", "need 50 <= points <= 1797 and iterations >= 250, got 20 and 500")
+
+
+def test_chapter09_refuses_bad_settings():
+    """Chapter 09's functions that take a learner's data or settings: one line naming the problem and the fix."""
+    import numpy as np
+    from sklearn.svm import SVC
+    from dlopt_labs.reliable import validate as V
+    y = np.array([0, 0, 0, 0, 1])
+    assert _raises(V.stratified_fold_ids, y, 3) == (
+        "ValueError", "stratified 3-fold needs k >= 2 and at least k rows of every class; the smallest class has 1: "
+        "lower k, or merge rare classes")
+    assert _raises(V.kfold_ids, 3, 5) == ("ValueError", "k-fold needs 2 <= k <= rows, got k=5 for 3 rows: lower k")
+    assert _raises(V.stratified_fold_ids, np.zeros((4, 2)), 2) == (
+        "ValueError", "y must be a non-empty 1-D array of labels, one per row, got shape (4, 2): flatten it "
+        "(y.ravel()) or take one column")
+    assert _raises(V.roc_auc, [0, 0, 0], [0.1, 0.2, 0.3]) == (
+        "ValueError", "y holds one class only: ROC and PR curves need positives and negatives")
+    assert _raises(V.average_precision, [0, 1, 2], [0.1, 0.2, 0.3]) == (
+        "ValueError", "y must be binary 0/1 (1 = positive): map your labels first")
+    assert _raises(V.roc_auc, [0, 1], [0.1]) == ("ValueError", "one score per label: y has shape (2,), score (1,)")
+    X = np.random.default_rng(0).normal(size=(10, 3))
+    assert _raises(V.NetClassifier().fit, X[:, 0], np.arange(10) % 2) == (
+        "ValueError", "NetClassifier needs a finite 2-D array (rows, features), got shape (10,) or non-finite "
+        "values: reshape, or impute missing values first")
+    assert _raises(V.NetClassifier().fit, X, np.arange(9) % 2) == (
+        "ValueError", "X has 10 rows and y 9 labels: pass one label per row")
+    assert _raises(V.cross_validate, SVC(), X, np.arange(10) % 2, []) == (
+        "ValueError", "cross_validate needs a classifier with predict_proba, got SVC: wrap it (for an SVC, pass "
+        "probability=True)")
+    leaky = [(np.arange(8), np.arange(6, 10))]
+    assert _raises(V.cross_validate, V.NetClassifier(steps=1), X, np.arange(10) % 2, leaky) == (
+        "ValueError", "fold 0: rows are in its training and test parts both: a leak")
+    assert _raises(V.TopF(5).fit, X, np.arange(10) % 2) == ("ValueError", "TopF keeps 1 to 3 features, got k=5")
+    assert _raises(V.isolation_forest, np.r_[X, [[np.nan] * 3]]) == (
+        "ValueError", "an isolation forest needs a finite 2-D array (rows, features) of at least 2 rows, got shape "
+        "(11, 3) or non-finite values: reshape, or drop the rows with NaN")
+    assert _raises(V.kmeans, X, 11) == ("ValueError", "k-means needs 1 <= k <= rows, got k=11 for 10 rows")
+    assert _raises(V.tune, V.NetClassifier(), [], X, np.arange(10) % 2, []) == (
+        "ValueError", "tune needs at least one candidate setting")
+    assert _raises(V.try_leak, 10, 20) == (
+        "ValueError", "need 1 <= selected <= features and samples >= 20, got selected=20, features=10, samples=100")

@@ -166,3 +166,13 @@ def test_tsne_widget_equals_direct_call():
     direct = try_tsne(12.0, 2, 60, 250, plot=False)
     pd.testing.assert_frame_equal(w.result, direct)
     assert 0.5 < direct.trustworthiness[0] <= 1 and direct.perplexity[0] == 12.0
+
+
+def test_selection_leak_widget_equals_direct_call():
+    from dlopt_labs.reliable.validate import try_leak
+    w = try_it(try_leak, dict(features=200, selected=20, samples=60, seed=0),
+               dict(features=(20, 5000, 20), selected=(1, 200, 1), samples=(20, 1000, 20), seed=(0, 9, 1)))
+    w.controls["features"].value = 400; w.controls["seed"].value = 3
+    direct = try_leak(400, 20, 60, 3)
+    pd.testing.assert_frame_equal(w.result, direct)
+    assert direct.outside[0] > direct.inside[0]          # 400 noise columns, 60 rows: selection finds a pattern
