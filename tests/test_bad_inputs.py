@@ -626,3 +626,7 @@ def test_chapter09_refuses_bad_settings():
         "ValueError", "tune needs at least one candidate setting")
     assert _raises(V.try_leak, 10, 20) == (
         "ValueError", "need 1 <= selected <= features and samples >= 20, got selected=20, features=10, samples=100")
+    assert _raises(V.kmeans, np.zeros((6, 2)), 2) == (
+        "ValueError", "k-means++ needs at least k=2 distinct points, got 1: lower k")
+    assert _raises(V.roc_auc, [0, 1, 1], [0.1, np.nan, 0.3]) == (
+        "ValueError", "scores hold NaN or infinite values: fix the model's outputs or drop those rows")

@@ -1334,3 +1334,20 @@ def test_nested_cv_and_tune_agree_with_scikit_learn_grid_search():
     assert score == pytest.approx(grid.cv_results_["mean_test_score"].max(), abs=1e-12)   # equal-size folds
     out = V09.nested_cv(net, cands, X, y, outer=3, inner=2, seed=0)
     assert 0 <= out["nested"] <= 1 and len(out["chosen"]) == 3 and out["best"] in cands
+
+
+def test_cross_validate_keeps_classes_missing_from_a_training_part_and_rejection_flags_the_exact_share():
+    X, y = _tabular(21, n=60)
+    order = np.argsort(y, kind="stable")                      # plain unshuffled folds on sorted labels: a class missing
+    X, y = X[order], y[order]
+    folds = V09.folds_from_ids(V09.kfold_ids(len(y), 3, shuffle=False))
+    net = V09.NetClassifier(hidden=4, steps=20, seed=0)
+    out = V09.cross_validate(net, X, y, folds)
+    assert out["proba"].shape == (60, 3) and np.isfinite(out["proba"]).all()
+    assert (out["proba"][folds[0][1], 0] == 0).all()          # class 0 never trained on: probability 0
+    wrong = np.arange(100) < 10
+    flat = np.r_[np.ones(50), np.zeros(50)]                    # half the scores tied at the top
+    gain = V09.rejection_gain(wrong, -np.arange(100.0), 0.1, draws=50)  # the ten wrong outputs score highest
+    assert gain["kept_accuracy"] == 1.0 and gain["gain"] == pytest.approx(0.1)
+    tied = V09.rejection_gain(wrong, flat, 0.1, draws=20)
+    assert tied["kept_accuracy"] < 1.0                        # 10 of the 50 tied rows flagged, not all 50
