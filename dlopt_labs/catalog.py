@@ -161,6 +161,8 @@ CATALOG: tuple[Entry, ...] = (
           reference='`scipy.stats.ks_2samp`.'),
     Entry(21, 'reliable', 'continual', 'Continual learning and out-of-distribution inputs', '如何提高深度学习模型的可靠性？',
           teaches='Catastrophic forgetting on split digits (full accuracy matrix), replay buffer and EWC, online updates; OOD detection by max-softmax and IsolationForest on embeddings (AUROC).',
+          claims=(('continual-learning-keeps-old-tasks', 'Updating a model as new data arrive, with a continual-learning method (a replay buffer or EWC), keeps it accurate on the old data as well as the new: after the last task its average accuracy over all tasks is within five points of training on all the data at once'),
+                  ('anomaly-detection-flags-new-inputs', "An anomaly detector (an isolation forest) on a network's embeddings flags inputs unlike its training data: classes it never saw, another domain, noise")),
           pitfall='`score_samples` sign.'),
     Entry(22, 'explain', 'glassbox', 'Interpretable models', '如何提高深度学习模型的解释性？',
           teaches='Decision trees and sparse linear models against the network; a global surrogate tree mimicking the network, with fidelity against depth (fidelity is not accuracy).',

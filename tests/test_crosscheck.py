@@ -1351,3 +1351,19 @@ def test_cross_validate_keeps_classes_missing_from_a_training_part_and_rejection
     assert gain["kept_accuracy"] == 1.0 and gain["gain"] == pytest.approx(0.1)
     tied = V09.rejection_gain(wrong, flat, 0.1, draws=20)
     assert tied["kept_accuracy"] < 1.0                        # 10 of the 50 tied rows flagged, not all 50
+
+
+def test_isolation_tree_parts_average_path_and_path_lengths():
+    from sklearn.ensemble._iforest import _average_path_length
+    n = np.array([0, 1, 2, 3, 10, 256, 1000])
+    np.testing.assert_allclose(V09.average_path(n), _average_path_length(n), rtol=1e-14)
+    gen = np.random.default_rng(6)
+    X = gen.normal(size=(64, 3)); X[5] = X[4]                  # two equal rows cannot be split apart
+    tree = V09.isolation_tree(X, 6, gen)
+    inner = tree["children_left"] >= 0
+    assert (tree["n_node_samples"][inner] == tree["n_node_samples"][tree["children_left"][inner]]
+            + tree["n_node_samples"][tree["children_right"][inner]]).all()
+    h = V09.path_length(tree, X)
+    assert h.min() >= 1 and h.max() <= 6 + V09.average_path(64)
+    far = V09.path_length(tree, np.full((1, 3), 50.0))[0]     # beyond every threshold: isolated fast
+    assert far <= np.median(h)

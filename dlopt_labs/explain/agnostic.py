@@ -17,7 +17,6 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader, TensorDataset
 from ..lab import exercise
-from ..measure import mean_interval
 from ..training import Callback, fit
 
 # %% auto #0
