@@ -630,3 +630,23 @@ def test_chapter09_refuses_bad_settings():
         "ValueError", "k-means++ needs at least k=2 distinct points, got 1: lower k")
     assert _raises(V.roc_auc, [0, 1, 1], [0.1, np.nan, 0.3]) == (
         "ValueError", "scores hold NaN or infinite values: fix the model's outputs or drop those rows")
+
+
+def test_chapter21_refuses_bad_settings():
+    """Chapter 21's functions that take a learner's data or settings: one line naming the problem and the fix."""
+    import numpy as np
+    from dlopt_labs.data import load, split
+    from dlopt_labs.reliable import continual as C
+    assert _raises(C.split_tasks, np.arange(10), 3) == (
+        "ValueError", "10 classes cannot be cut into tasks of 3: pick a divisor")
+    assert _raises(C.task_metrics, np.zeros((2, 3))) == (
+        "ValueError", "an accuracy matrix is square, tasks x tasks, at least 2 x 2, got (2, 3)")
+    assert _raises(C.Reservoir, 0) == ("ValueError", "a replay buffer needs capacity >= 1, got 0")
+    assert _raises(C.EWC, -1.0) == ("ValueError", "the EWC strength must be >= 0, got -1.0")
+    s = split(load("digits"), seed=0)
+    assert _raises(C.run_continual, s, "rehearsal") == (
+        "ValueError", "method must be one of ('fine-tune', 'replay', 'EWC', 'joint'), got 'rehearsal'")
+    assert _raises(C.run_continual, s, "replay", 0) == (
+        "ValueError", "epochs must be >= 1 (1: each row seen once, online), got 0")
+    assert _raises(C.downsample, np.zeros((3, 50))) == (
+        "ValueError", "need square images whose side is a multiple of 8, got 50 pixels")

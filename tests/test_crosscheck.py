@@ -1367,3 +1367,77 @@ def test_isolation_tree_parts_average_path_and_path_lengths():
     assert h.min() >= 1 and h.max() <= 6 + V09.average_path(64)
     far = V09.path_length(tree, np.full((1, 3), 50.0))[0]     # beyond every threshold: isolated fast
     assert far <= np.median(h)
+
+
+# chapter 21: the Fisher diagonal, the reservoir, the accuracy matrix's numbers, EWC's penalty ----------------------
+
+from dlopt_labs.reliable import continual as C21
+
+
+def test_fisher_diagonal_equals_a_loop_of_autograd_over_rows_and_classes():
+    torch.manual_seed(3)
+    net = C21.MLP(6, 4, hidden=(9,))                          # not the chapter's shape or data
+    X = torch.randn(23, 6)
+    ours = C21.fisher_diagonal(net, X, chunk=5)
+    want = {k: torch.zeros_like(v) for k, v in net.named_parameters()}
+    probs = torch.softmax(net(X), 1).detach()
+    for i in range(len(X)):
+        for c in range(4):
+            logp = torch.log_softmax(net(X[i:i + 1]), 1)[0, c]
+            grads = torch.autograd.grad(logp, list(net.parameters()))
+            for (k, _), g in zip(net.named_parameters(), grads):
+                want[k] += probs[i, c] * g ** 2 / len(X)
+    for k in want:
+        torch.testing.assert_close(ours[k], want[k], rtol=1e-4, atol=1e-7)
+
+
+def test_ewc_penalty_and_consolidation_by_hand():
+    torch.manual_seed(4)
+    net = C21.MLP(5, 3, hidden=(4,)); X = torch.randn(10, 5)
+    ewc = C21.EWC(7.0)
+    assert float(ewc.penalty(net)) == 0.0 and ewc.nbytes() == 0
+    ewc.consolidate(net, X)
+    F1 = C21.fisher_diagonal(net, X)
+    with torch.no_grad():
+        for p in net.parameters(): p.add_(0.1)
+    want = 3.5 * sum((F1[k] * 0.01).sum() for k in F1)
+    assert float(ewc.penalty(net).detach()) == pytest.approx(float(want), rel=1e-5)
+    ewc.consolidate(net, X)                                   # running sum, anchor moved
+    F2 = C21.fisher_diagonal(net, X)
+    for k in F1: torch.testing.assert_close(ewc.fisher[k], F1[k] + F2[k])
+    assert float(ewc.penalty(net).detach()) == 0.0
+    assert ewc.nbytes() == 2 * 4 * sum(p.numel() for p in net.parameters())
+
+
+def test_reservoir_keeps_every_row_with_the_same_chance():
+    from scipy.stats import chisquare
+    hits = np.zeros(300)
+    for trial in range(400):
+        buf = C21.Reservoir(30, seed=trial)
+        for start in range(0, 300, 70):                       # the stream arrives in uneven chunks
+            rows = torch.arange(start, min(start + 70, 300))
+            buf.add(rows[:, None].float(), rows)
+        assert len(buf) == 30 and len(set(buf.y.tolist())) == 30
+        hits[buf.y.numpy()] += 1
+    assert hits.sum() == 400 * 30
+    assert chisquare(hits).pvalue > 1e-3                      # uniform: each row kept 40 times in expectation
+    assert buf.nbytes() == 30 * (4 + 8)
+
+
+def test_task_metrics_by_hand():
+    R = np.array([[0.9, 0.1, 0.0], [0.5, 0.8, 0.2], [0.4, 0.7, 0.95]])
+    m = C21.task_metrics(R)
+    assert m["average"] == pytest.approx((0.4 + 0.7 + 0.95) / 3)
+    assert m["backward_transfer"] == pytest.approx(((0.4 - 0.9) + (0.7 - 0.8)) / 2)
+    assert m["forgetting"] == pytest.approx(((0.9 - 0.4) + (0.8 - 0.7)) / 2)
+    assert C21.split_tasks(np.arange(12) % 6, 3) == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_confidence_score_auroc_equals_scikit_learn():
+    from sklearn.metrics import roc_auc_score
+    torch.manual_seed(5)
+    net = C21.MLP(8, 3, hidden=(16,)); X = torch.randn(200, 8); X[100:] *= 3
+    s = C21.max_softmax_score(net, X); out = np.r_[np.zeros(100), np.ones(100)]
+    from dlopt_labs.reliable.validate import roc_auc
+    assert roc_auc(out, s) == pytest.approx(roc_auc_score(out, s), abs=1e-12)
+    assert C21.embed(net, X).shape == (200, 16)

@@ -1140,3 +1140,52 @@ def test_ch09_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
         return fold[of_row]
     for wrong in (round_robin, rows_not_groups, stratified_by_group, no_refusal):
         assert status(V09.check_group_folds, wrong) == "failed"
+
+
+# chapter 21, exercise 1: A-GEM's projection ----------------------------------------------------------------------
+
+from dlopt_labs.reliable import continual as C21
+
+
+def test_ch21_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def by_unit_vector(g, g_ref):                      # normalise g_ref first, then clip the negative part
+        n = g_ref.norm()
+        if n == 0: return g
+        u = g_ref / n
+        return g - torch.clamp(g @ u, max=0) * u
+    assert status(C21.check_agem, by_unit_vector) == "passed"
+    def always_project(g, g_ref): return g - (g @ g_ref) / (g_ref @ g_ref) * g_ref
+    def onto_ref(g, g_ref): return (g @ g_ref) / (g_ref @ g_ref) * g_ref if g @ g_ref < 0 else g
+    def wrong_sign(g, g_ref): return g + (g @ g_ref) / (g_ref @ g_ref) * g_ref if g @ g_ref < 0 else g
+    def average(g, g_ref): return (g + g_ref) / 2           # replay-like: mixes the two gradients
+    def no_zero_guard(g, g_ref): return g - (g @ g_ref) / (g_ref @ g_ref) * g_ref if g @ g_ref <= 0 else g
+    for wrong in (always_project, onto_ref, wrong_sign, average, no_zero_guard):
+        assert status(C21.check_agem, wrong) == "failed"
+
+
+# chapter 21, exercise 2: the Mahalanobis score --------------------------------------------------------------------
+
+def test_ch21_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    from sklearn.covariance import EmpiricalCovariance
+    def with_sklearn(E, y, T):                          # scikit-learn's covariance on the class-centred rows
+        classes = np.unique(y); means = {c: E[y == c].mean(0) for c in classes}
+        cov = EmpiricalCovariance(assume_centered=True).fit(E - np.stack([means[c] for c in y]))
+        return np.min([cov.mahalanobis(T - means[c]) for c in classes], axis=0)
+    assert status(C21.check_mahalanobis, with_sklearn) == "passed"
+    def per_class_cov(E, y, T):                         # each class its own covariance (QDA-like)
+        out = []
+        for c in np.unique(y):
+            m = E[y == c].mean(0); P = np.linalg.inv(np.cov(E[y == c].T, bias=True))
+            out.append(np.einsum("ij,jk,ik->i", T - m, P, T - m))
+        return np.min(out, axis=0)
+    def total_cov(E, y, T):                             # the covariance of all rows, class means ignored
+        P = np.linalg.inv(np.cov(E.T, bias=True))
+        return np.min([np.einsum("ij,jk,ik->i", T - E[y == c].mean(0), P, T - E[y == c].mean(0)) for c in np.unique(y)], 0)
+    def euclidean(E, y, T):
+        return np.min([((T - E[y == c].mean(0)) ** 2).sum(1) for c in np.unique(y)], 0)
+    def not_squared(E, y, T): return np.sqrt(with_sklearn(E, y, T))
+    def forest(E, y, T):                                # the chapter's own detector
+        from dlopt_labs.reliable.validate import anomaly_score, isolation_forest
+        return anomaly_score(isolation_forest(E, 50, 64, seed=0), T)
+    for wrong in (per_class_cov, total_cov, euclidean, not_squared, forest):
+        assert status(C21.check_mahalanobis, wrong) == "failed"

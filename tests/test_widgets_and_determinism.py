@@ -176,3 +176,15 @@ def test_selection_leak_widget_equals_direct_call():
     direct = try_leak(400, 20, 60, 3)
     pd.testing.assert_frame_equal(w.result, direct)
     assert direct.outside[0] > direct.inside[0]          # 400 noise columns, 60 rows: selection finds a pattern
+
+
+def test_continual_widget_equals_direct_call():
+    from dlopt_labs.reliable.continual import METHODS, try_continual
+    fn = lambda method, memory, epochs: try_continual(method, memory, 1000.0, epochs, 0, plot=False)
+    w = try_it(fn, dict(method="replay", memory=100, epochs=1),
+               dict(method=list(METHODS), memory=(10, 1000, 10), epochs=(1, 30, 1)))
+    w.controls["memory"].value = 50; w.controls["epochs"].value = 2
+    direct = try_continual("replay", 50, 1000.0, 2, 0, plot=False)
+    pd.testing.assert_frame_equal(w.result, direct)
+    assert direct.bytes_kept[0] == 50 * (64 * 4 + 8)
+    assert (direct.average > 0.1).all() and list(direct.scenario) == ["task not told", "task told"]
