@@ -650,3 +650,7 @@ def test_chapter21_refuses_bad_settings():
         "ValueError", "epochs must be >= 1 (1: each row seen once, online), got 0")
     assert _raises(C.downsample, np.zeros((3, 50))) == (
         "ValueError", "need square images whose side is a multiple of 8, got 50 pixels")
+    assert _raises(C.Reservoir(5).sample, 2) == (
+        "ValueError", "the replay buffer is empty: add rows before sampling from it")
+    assert _raises(C.detection_rate, [0, 0], [0.1, 0.2]) == (
+        "ValueError", "need ordinary and new inputs both, and 0 < false_alarms < 1")

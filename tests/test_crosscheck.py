@@ -1425,11 +1425,11 @@ def test_reservoir_keeps_every_row_with_the_same_chance():
 
 
 def test_task_metrics_by_hand():
-    R = np.array([[0.9, 0.1, 0.0], [0.5, 0.8, 0.2], [0.4, 0.7, 0.95]])
+    R = np.array([[0.9, 0.85, 0.0], [0.5, 0.8, 0.2], [0.4, 0.7, 0.95]])   # task 1 scored 0.85 before it was learnt
     m = C21.task_metrics(R)
     assert m["average"] == pytest.approx((0.4 + 0.7 + 0.95) / 3)
     assert m["backward_transfer"] == pytest.approx(((0.4 - 0.9) + (0.7 - 0.8)) / 2)
-    assert m["forgetting"] == pytest.approx(((0.9 - 0.4) + (0.8 - 0.7)) / 2)
+    assert m["forgetting"] == pytest.approx(((0.9 - 0.4) + (0.8 - 0.7)) / 2)  # from row j on, as Chaudhry et al.
     assert C21.split_tasks(np.arange(12) % 6, 3) == [[0, 1, 2], [3, 4, 5]]
 
 
@@ -1441,3 +1441,24 @@ def test_confidence_score_auroc_equals_scikit_learn():
     from dlopt_labs.reliable.validate import roc_auc
     assert roc_auc(out, s) == pytest.approx(roc_auc_score(out, s), abs=1e-12)
     assert C21.embed(net, X).shape == (200, 16)
+
+
+def test_detection_rate_and_told_masking_by_hand():
+    from sklearn.metrics import roc_curve
+    gen = np.random.default_rng(7)
+    is_new = np.r_[np.zeros(400, bool), np.ones(100, bool)]
+    s = gen.normal(size=500) + 1.5 * is_new
+    fpr, tpr, _ = roc_curve(is_new, s)
+    assert C21.detection_rate(is_new, s, 0.05) == pytest.approx(np.interp(0.05, fpr, tpr), abs=0.02)
+    assert C21.detection_rate(is_new, s, 0.5) > C21.detection_rate(is_new, s, 0.05)
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.0, 1.0, 5.0, 2.0]])
+    task_of = torch.tensor([0, 0, 1, 1])
+    y = torch.tensor([1, 3])
+    out = C21.masked(logits, y, task_of)
+    assert torch.isinf(out[0, 2:]).all() and torch.isinf(out[1, :2]).all()
+    assert out[0, :2].tolist() == [3.0, 1.0] and out[1, 2:].tolist() == [5.0, 2.0]
+    torch.manual_seed(0)
+    net = C21.MLP(4, 4, hidden=(3,))
+    X = torch.randn(6, 4)
+    head = C21.fisher_diagonal(net, X, classes=[2, 3])        # the told Fisher sees the task's two outputs only
+    assert float(head["3.weight"][:2].abs().sum()) == 0.0 and float(head["3.weight"][2:].abs().sum()) > 0
