@@ -152,14 +152,10 @@ def run_continual(
     T = len(tasks)
     R = np.full((T, T), np.nan)
     Xte, yte = to(data.X_test, torch.float32), to(data.y_test, torch.long)
-    te_rows, t0 = rows_of(data.y_test), time.perf_counter()
+    tr_rows, te_rows, t0 = rows_of(data.y_train), rows_of(data.y_test), time.perf_counter()
     stages = [None] if method == "joint" else range(T)
     for i in stages:
-        rows = (
-            torch.ones(len(ytr), dtype=torch.bool, device=device)
-            if i is None
-            else rows_of(data.y_train)[i]
-        )
+        rows = torch.ones(len(ytr), dtype=torch.bool, device=device) if i is None else tr_rows[i]
         train_task(
             model,
             Xtr[rows],
