@@ -64,7 +64,8 @@ class EarlyStopping(Callback):
 @torch.no_grad()
 def predict(model: nn.Module, dl, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     "Logits and labels over a DataLoader, in eval mode (the model's mode is restored afterwards)."
-    device = device or next(model.parameters()).device
+    if device is None:  # the first parameter's device, or the first buffer's (e.g. an int8 model), or the CPU
+        device = next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
     was = model.training; model.eval()
     out, ys = [], []
     for xb, yb in dl:
