@@ -654,3 +654,35 @@ def test_chapter21_refuses_bad_settings():
         "ValueError", "the replay buffer is empty: add rows before sampling from it")
     assert _raises(C.detection_rate, [0, 0], [0.1, 0.2]) == (
         "ValueError", "need ordinary and new inputs both, and 0 < false_alarms < 1")
+
+
+def test_chapter06_refuses_bad_settings(tmp_path):
+    """Chapter 06's functions that take a learner's model, data or settings: one line naming the problem and the fix."""
+    import torch
+    from torch import nn
+    from dlopt_labs.efficient import inference as I
+    assert _raises(I.quantize_rows, torch.ones(5)) == (
+        "ValueError", "quantize_rows takes a 2-D float tensor (rows x features), got (5,); reshape it first, "
+        "e.g. t.reshape(-1, t.shape[-1]).float()")
+    assert _raises(I.quantize_rows, torch.ones(2, 3), 9) == (
+        "ValueError", "bits must be an integer from 2 to 8 (int8 codes), got 9")
+    assert _raises(I.quantize_dynamic_int8, nn.Sequential(nn.Conv1d(2, 2, 1), nn.ReLU())) == (
+        "ValueError", "the model has no Linear layer to quantise (this dynamic int8 converts nn.Linear); "
+        "its Linear layers: [], skipped: []")
+    assert _raises(I.quantize_dynamic_int8, nn.Sequential(nn.Linear(2, 2)), skip=("fc",)) == (
+        "ValueError", "skip names ['fc'] are not Linear layers of the model; its Linear layers: ['0']")
+    assert _raises(I.Int8Linear.from_float, nn.Conv1d(2, 2, 1)) == (
+        "TypeError", "Int8Linear.from_float takes an nn.Linear, got Conv1d; use quantize_dynamic_int8(model) to "
+        "convert every Linear of a model")
+    net = nn.Linear(3, 2)
+    assert _raises(I.export_onnx, net, torch.ones(2, 3), tmp_path / "m.pt") == (
+        "ValueError", f"an ONNX file name ends in .onnx, got '{tmp_path / 'm.pt'}'; e.g. 'model.onnx'")
+    assert _raises(I.export_onnx, net, torch.ones(2, 3), tmp_path / "no" / "m.onnx") == (
+        "ValueError", f"folder '{tmp_path / 'no'}' does not exist; create it first or choose another path")
+    assert _raises(I.OrtModel, tmp_path / "missing.onnx") == (
+        "ValueError", f"no ONNX file at '{tmp_path / 'missing.onnx'}'; write one with export_onnx(model, x, path)")
+    assert _raises(I.accuracy_of, net, torch.ones(4, 3), torch.ones(3)) == (
+        "ValueError", "X and y need the same nonzero number of rows, got 4 and 3")
+    assert _raises(I.latency_percentiles, {}) == (
+        "ValueError", "fns must be a non-empty dict of name -> callable with no arguments")
+    assert list(tmp_path.iterdir()) == []                         # nothing written by a refused call

@@ -1462,3 +1462,102 @@ def test_detection_rate_and_told_masking_by_hand():
     X = torch.randn(6, 4)
     head = C21.fisher_diagonal(net, X, classes=[2, 3])        # the told Fisher sees the task's two outputs only
     assert float(head["3.weight"][:2].abs().sum()) == 0.0 and float(head["3.weight"][2:].abs().sum()) > 0
+
+
+# chapter 06: int8 against PyTorch's fake-quantisation operator and torchao, ONNX Runtime against eager ----------
+
+from dlopt_labs.efficient import inference as I06
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_quantize_rows_equals_torch_fake_quantize_per_channel(bits):
+    """Codes x scales equal PyTorch's per-channel fake quantisation with the same scales, symmetric range (exactly)."""
+    g = torch.Generator().manual_seed(6)
+    qmax = 2 ** (bits - 1) - 1
+    for shape in ((5, 7), (33, 130), (200, 64)):                  # rows of very different ranges
+        t = torch.randn(*shape, generator=g) * torch.rand(shape[0], 1, generator=g) * 10
+        codes, scale = I06.quantize_rows(t, bits)
+        ref = torch.fake_quantize_per_channel_affine(
+            t, scale.squeeze(1), torch.zeros(shape[0], dtype=torch.int32), 0, -qmax, qmax)
+        assert torch.equal(codes.float() * scale, ref)
+        assert int(codes.abs().max()) == qmax                     # each row's largest entry takes the top code
+
+
+def test_int8_matmul_is_exact_and_int8_layers_keep_params_and_flops():
+    from dlopt_labs.measure import count_flops, count_params
+    g = torch.Generator().manual_seed(60)
+    a = torch.randint(-127, 128, (19, 40), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (40, 24), dtype=torch.int8, generator=g)
+    out = I06.int8_matmul(a, b)
+    assert out.dtype == torch.int32 and torch.equal(out.long(), a.long() @ b.long())
+    torch.manual_seed(61)
+    net = nn.Sequential(nn.Linear(30, 50), nn.ReLU(), nn.Linear(50, 6, bias=False))
+    q = I06.quantize_dynamic_int8(net)
+    x = torch.randn(9, 30)
+    assert count_params(q) == count_params(net) and count_flops(q, x) == count_flops(net, x) == 2 * 9 * (30 * 50 + 50 * 6)
+    assert isinstance(net[0], nn.Linear) and isinstance(q[0], I06.Int8Linear)     # the original untouched
+    kept = I06.quantize_dynamic_int8(net, skip=("2",))
+    assert isinstance(kept[2], nn.Linear) and isinstance(kept[0], I06.Int8Linear)
+    x3 = torch.randn(2, 5, 30)                                    # leading dimensions kept
+    assert q(x3).shape == (2, 5, 6)
+    torch.testing.assert_close(q(x3)[1], q(x3[1]))
+
+
+def test_int8_linear_is_as_accurate_as_torchao():
+    """torchao's int8 dynamic quantisation (per-row activations, per-channel weights, symmetric) on other layers: our
+    mean error against float32 within 0.8 to 1.25 times torchao's; outputs within 0.05 of each other."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    for seed in range(4):
+        torch.manual_seed(seed)
+        lin, x = nn.Linear(96, 48), torch.randn(33, 96)
+        ref = copy.deepcopy(lin)
+        quantize_(ref, Int8DynamicActivationInt8WeightConfig())
+        with torch.inference_mode():
+            ours, theirs, exact = I06.Int8Linear.from_float(lin)(x), ref(x), lin(x)
+        ratio = float((ours - exact).abs().mean() / (theirs - exact).abs().mean())
+        assert 0.8 < ratio < 1.25, ratio
+        assert float((ours - theirs).abs().max()) < 0.05
+
+
+def test_onnx_runtime_equals_eager_on_another_network(tmp_path):
+    """A network unlike the chapter's (tanh, layer norm, no bias) exported with a free batch size: ONNX Runtime within
+    1e-5 of eager at batch sizes it was not traced with; its int8 file about a quarter of the float one, within 0.1."""
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Linear(20, 333), nn.Tanh(), nn.Linear(333, 70, bias=False), nn.LayerNorm(70)).eval()
+    path = I06.export_onnx(net, torch.randn(5, 20), tmp_path / "n.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n.onnx"]            # one file, no temporary left
+    ort = I06.OrtModel(path, n_threads=1)
+    qpath = I06.quantize_onnx(path, tmp_path / "q.onnx")
+    qort = I06.OrtModel(qpath, n_threads=1)
+    with torch.inference_mode():
+        for b in (1, 3, 17):
+            x = torch.randn(b, 20)
+            torch.testing.assert_close(ort(x), net(x), atol=1e-5, rtol=1e-5)
+            assert float((qort(x) - net(x)).abs().max()) < 0.1
+    assert 0.2 < I06.file_bytes(qpath) / I06.file_bytes(path) < 0.35
+
+
+def test_export_onnx_leaves_nothing_when_it_fails(tmp_path):
+    class Broken(nn.Module):
+        def forward(self, x): raise RuntimeError("boom")
+    (tmp_path / "m.onnx").write_bytes(b"the previous file")
+    with pytest.raises(Exception):
+        I06.export_onnx(Broken(), torch.randn(3, 4), tmp_path / "m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert (tmp_path / "m.onnx").read_bytes() == b"the previous file"           # the old file kept whole
+
+
+def test_latency_percentiles_first_call_and_accuracy_of():
+    import time
+    from dlopt_labs.data import load, split, loaders
+    from dlopt_labs.training import evaluate
+    table = I06.latency_percentiles(dict(fast=lambda: None, slow=lambda: time.sleep(0.002)), repeats=20, chunks=4)
+    assert list(table.calls) == [20, 20]
+    assert (table.p50_ms <= table.p95_ms).all() and (table.p95_ms <= table.p99_ms).all()
+    assert table.loc["slow", "p50_ms"] > 2 > table.loc["fast", "p99_ms"]
+    runtime, seconds = I06.first_call(lambda: (time.sleep(0.05), lambda x: x * 2)[1], torch.ones(1))
+    assert seconds >= 0.05 and float(runtime(torch.ones(1))) == 2.0
+    d = split(load("wine"), seed=3)
+    torch.manual_seed(3); net = MLP(13, 3, hidden=(8,))
+    X, y = torch.as_tensor(d.X_test, dtype=torch.float32), torch.as_tensor(d.y_test)
+    assert I06.accuracy_of(net, X, y, batch=7) == pytest.approx(evaluate(net, loaders(d, 16)["test"])["acc"])

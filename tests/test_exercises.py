@@ -1189,3 +1189,72 @@ def test_ch21_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
         return anomaly_score(isolation_forest(E, 50, 64, seed=0), T)
     for wrong in (per_class_cov, total_cov, euclidean, not_squared, forest):
         assert status(C21.check_mahalanobis, wrong) == "failed"
+
+
+# chapter 06, exercise 1: scale and zero point of asymmetric quantisation -----------------------------------------
+
+from dlopt_labs.efficient import inference as I06
+
+
+def test_ch06_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def from_the_top(xmin, xmax, bits):                 # the zero point counted down from the top code
+        lo, hi = min(xmin, 0.0), max(xmax, 0.0)
+        top = 2**bits - 1
+        scale = (hi - lo) / top
+        return scale, top - round(hi / scale)
+    assert status(I06.check_affine_qparams, from_the_top) == "passed"
+    def symmetric(xmin, xmax, bits):                    # the chapter's scheme: zero point at the middle code
+        amax = max(abs(xmin), abs(xmax))
+        return 2 * amax / (2**bits - 1), 2 ** (bits - 1)
+    def range_without_zero(xmin, xmax, bits):           # [0.5, 6] quantised as if zero were not needed
+        scale = (xmax - xmin) / (2**bits - 1)
+        return scale, round(-xmin / scale)
+    def too_many_steps(xmin, xmax, bits):               # 2^bits steps for 2^bits codes: the top code overflows
+        lo, hi = min(xmin, 0.0), max(xmax, 0.0)
+        scale = (hi - lo) / 2**bits
+        return scale, round(-lo / scale)
+    def unrounded(xmin, xmax, bits):                    # a fractional zero point: zero not exactly representable
+        lo, hi = min(xmin, 0.0), max(xmax, 0.0)
+        scale = (hi - lo) / (2**bits - 1)
+        return scale, -lo / scale + 0.3
+    def chapter_scale(xmin, xmax, bits):                # the chapter's own quantize_rows, reused
+        _, s = I06.quantize_rows(torch.tensor([[float(xmin), float(xmax)]]), bits)
+        return float(s), 2 ** (bits - 1)
+    for wrong in (symmetric, range_without_zero, too_many_steps, unrounded, chapter_scale):
+        assert status(I06.check_affine_qparams, wrong) == "failed", wrong.__name__
+
+
+# chapter 06, exercise 2: folding batch normalisation ------------------------------------------------------------
+
+def test_ch06_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    import copy
+    from torch import nn
+    def by_matrices(linear, bn):                        # the batch norm as a diagonal matrix times the layer
+        with torch.no_grad():
+            g = bn.weight if bn.affine else torch.ones(bn.num_features, dtype=linear.weight.dtype)
+            b = bn.bias if bn.affine else torch.zeros(bn.num_features, dtype=linear.weight.dtype)
+            D = torch.diag(g / (bn.running_var + bn.eps).sqrt())
+            out = nn.Linear(linear.in_features, linear.out_features, dtype=linear.weight.dtype)
+            out.weight.copy_(D @ linear.weight)
+            lb = linear.bias if linear.bias is not None else torch.zeros_like(b)
+            out.bias.copy_(D @ (lb - bn.running_mean) + b)
+        return out
+    assert status(I06.check_fold_bn, by_matrices) == "passed"
+    def no_eps(linear, bn):
+        bn2 = copy.deepcopy(bn); bn2.eps = 0.0
+        return by_matrices(linear, bn2)
+    def variance_not_std(linear, bn):
+        bn2 = copy.deepcopy(bn)
+        with torch.no_grad(): bn2.running_var.copy_((bn.running_var + bn.eps) ** 2 - bn.eps)
+        return by_matrices(linear, bn2)
+    def in_place(linear, bn):                            # right numbers, but the learner's layer is overwritten
+        folded = by_matrices(linear, bn)
+        with torch.no_grad(): linear.weight.copy_(folded.weight)
+        return folded
+    def mean_ignored(linear, bn):
+        bn2 = copy.deepcopy(bn)
+        with torch.no_grad(): bn2.running_mean.zero_()
+        return by_matrices(linear, bn2)
+    def returns_the_pair(linear, bn): return nn.Sequential(linear, bn)
+    for wrong in (no_eps, variance_not_std, in_place, mean_ignored, returns_the_pair):
+        assert status(I06.check_fold_bn, wrong) == "failed", wrong.__name__
