@@ -95,7 +95,7 @@ CATALOG: tuple[Entry, ...] = (
           pitfall='BatchNorm statistics still updating in "frozen" layers.'),
     Entry(6, 'efficient', 'inference', 'Inference speed: quantisation and compilation', '如何提高深度学习模型的推理速度？',
           teaches='Latency (p50/p95/p99 at batch 1) and throughput (batch 64) for eager, `inference_mode`, int8 dynamic quantisation of Linear layers, `torch.compile`, ONNX Runtime; model size on disk.',
-          claims=(('int8-gives-4x-speed', 'INT8 quantisation makes inference about 4x faster than float32 (32 bits down to 8): judged on the better of two int8 paths, each against its own float32 runtime, at the batch where int8 gains most'),),
+          claims=(('int8-gives-4x-speed', 'INT8 quantisation makes inference about 4x faster than float32 (32 bits down to 8): judged on the better of two int8 paths, each against its own float32 runtime, at the best of the batches measured'),),
           reference='ONNX Runtime output equality; `onnxruntime.quantization`. Note that `torch.ao.quantization` is deprecated: teach it through torchao or own code.',
           pitfall='Timing the first call of a compiled model or a fresh ONNX Runtime session as if it were inference; dynamic int8 at batch 1, where quantising the activations costs more than the int8 matmul saves.'),
     Entry(7, 'deploy', 'design', 'Modular, extensible models', '如何提高深度学习模型的可扩展性？',

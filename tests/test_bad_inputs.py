@@ -685,4 +685,8 @@ def test_chapter06_refuses_bad_settings(tmp_path):
         "ValueError", "X and y need the same nonzero number of rows, got 4 and 3")
     assert _raises(I.latency_percentiles, {}) == (
         "ValueError", "fns must be a non-empty dict of name -> callable with no arguments")
+    assert _raises(I.Int8Linear.from_float(nn.Linear(4, 2)), torch.ones(3, 5)) == (
+        "ValueError", "this layer takes 4 features per row, got input of shape (3, 5); check the model's input size")
+    assert _raises(I.OrtModel, tmp_path / "missing.onnx", 0) == (
+        "ValueError", "n_threads must be an integer >= 1 or None (torch's count), got 0")
     assert list(tmp_path.iterdir()) == []                         # nothing written by a refused call
