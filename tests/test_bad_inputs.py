@@ -690,3 +690,20 @@ def test_chapter06_refuses_bad_settings(tmp_path):
     assert _raises(I.OrtModel, tmp_path / "missing.onnx", 0) == (
         "ValueError", "n_threads must be an integer >= 1 or None (torch's count), got 0")
     assert list(tmp_path.iterdir()) == []                         # nothing written by a refused call
+
+
+def test_chapter26_refuses_bad_settings():
+    """Chapter 26's functions that take a learner's settings: one line naming the problem and the fix."""
+    from torch import nn
+    from dlopt_labs.efficient import arch as A
+    assert _raises(A.make_net, "mobile") == (
+        "ValueError", "kind must be one of ['standard', 'separable', 'inverted residual'], got 'mobile'")
+    assert _raises(A.make_net, "separable", 0) == (
+        "ValueError", "width_mult must be in (0, 4], got 0; MobileNet uses 0.25 to 1.4")
+    assert _raises(A.make_net, "standard", 1.0, (16,)) == (
+        "ValueError", "need depth >= 1 and a stem plus at least one stage, got 2 and (16,)")
+    assert _raises(A.layer_table, nn.Conv2d(1, 2, 3), (1, 0, 5)) == (
+        "ValueError", "input_shape is one input's shape without the batch, e.g. (1, 32, 32); got (1, 0, 5)")
+    assert _raises(A.layer_table, "net", (1, 8, 8)) == ("TypeError", "layer_table takes an nn.Module, got str")
+    assert _raises(A.try_arch, "separable", 1.0, 4) == (
+        "ValueError", "resolution >= 8 and batch >= 1, got 4 and 1")

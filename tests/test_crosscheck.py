@@ -1561,3 +1561,61 @@ def test_latency_percentiles_first_call_and_accuracy_of():
     torch.manual_seed(3); net = MLP(13, 3, hidden=(8,))
     X, y = torch.as_tensor(d.X_test, dtype=torch.float32), torch.as_tensor(d.y_test)
     assert I06.accuracy_of(net, X, y, batch=7) == pytest.approx(evaluate(net, loaders(d, 16)["test"])["acc"])
+
+
+# chapter 26: counts from the formulas against PyTorch's counters and the MobileNet papers ------------------------
+
+from dlopt_labs.efficient import arch as A26
+
+
+def test_layer_counts_equal_flop_counter_and_count_params_on_other_layers():
+    """Grouped, strided, dilated-free odd layers on a rectangular input: analytic FLOPs (2 x MACs) equal
+    torch.utils.flop_counter's and analytic parameters equal count_params, exactly."""
+    from dlopt_labs.measure import count_flops, count_params
+    net = nn.Sequential(
+        nn.Conv2d(3, 12, 5, 2, 2, bias=True), nn.BatchNorm2d(12, affine=False), nn.ReLU(),
+        nn.Conv2d(12, 24, 3, 1, 1, groups=4, bias=False), nn.BatchNorm2d(24),
+        nn.Conv2d(24, 24, 3, 2, 0, groups=24), nn.Conv2d(24, 7, 1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(7, 5), nn.Linear(5, 2, bias=False),
+    ).eval()
+    c = A26.analytic_counts(net, (3, 37, 23))
+    assert c["params"] == count_params(net)
+    assert c["flops"] == count_flops(net, torch.zeros(1, 3, 37, 23)) == 2 * c["macs"]
+    kinds = A26.layer_table(net, (3, 37, 23)).kind.tolist()
+    assert kinds == ["standard", "batchnorm", "grouped", "batchnorm", "depthwise", "pointwise", "linear", "linear"]
+    for kind in A26.BLOCKS:
+        for alpha in (1.0, 0.75):
+            m = A26.make_net(kind, alpha, channels=(8, 24, 40), depth=3, in_channels=3, n_classes=6).eval()
+            c = A26.analytic_counts(m, (3, 20, 28))
+            assert c["params"] == count_params(m) and c["flops"] == count_flops(m, torch.zeros(1, 3, 20, 28))
+
+
+def test_mobilenets_match_their_papers_and_torchvision():
+    """MobileNet v2 built from the chapter's blocks has torchvision's exact parameter count (3,504,872) and its
+    0.30 "GFLOPS" (really multiply-adds: the paper's 300M); v1 has the paper's 4.2M parameters and 569M Mult-Adds."""
+    v2 = A26.analytic_counts(A26.mobilenet_v2(), (3, 224, 224))
+    assert v2["params"] == 3_504_872
+    assert round(v2["macs"] / 1e6) in (300, 301) and v2["flops"] == 2 * v2["macs"]
+    v1 = A26.analytic_counts(A26.mobilenet_v1(), (3, 224, 224))
+    assert round(v1["params"] / 1e5) == 42 and round(v1["macs"] / 1e6) in (568, 569)
+    half = A26.analytic_counts(A26.mobilenet_v1(0.5), (3, 224, 224))
+    assert 0.2 < half["macs"] / v1["macs"] < 0.3                      # about alpha squared
+
+
+def test_blocks_shapes_residual_and_divisible():
+    x = torch.randn(2, 16, 9, 9)
+    assert A26.InvertedResidual(16, 16)(x).shape == (2, 16, 9, 9) and A26.InvertedResidual(16, 16).residual
+    assert A26.InvertedResidual(16, 24, stride=2)(x).shape == (2, 24, 5, 5)
+    assert not A26.InvertedResidual(16, 24, stride=2).residual
+    assert A26.DepthwiseSeparable(16, 8, 2)(x).shape == (2, 8, 5, 5)
+    assert [A26.divisible(c) for c in (3, 12, 20, 36, 100)] == [8, 16, 24, 40, 104]
+    ir = A26.InvertedResidual(16, 16)
+    assert ir.block[-1][-1].__class__ is nn.BatchNorm2d                # the projection is linear: no activation
+
+
+def test_kind_time_share_sums_to_one():
+    net = A26.make_net("separable", 1.0).eval()
+    share = A26.kind_time_share(net, torch.randn(1, 1, 32, 32), repeats=3)
+    assert share.mac_share.sum() == pytest.approx(1) and share.time_share.sum() == pytest.approx(1)
+    assert set(share.index) == {"standard", "depthwise", "pointwise", "batchnorm", "linear"}
+    assert share.loc["batchnorm", "mac_share"] == 0 and share.loc["batchnorm", "time_share"] > 0

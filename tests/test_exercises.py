@@ -1258,3 +1258,56 @@ def test_ch06_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
     def returns_the_pair(linear, bn): return nn.Sequential(linear, bn)
     for wrong in (no_eps, variance_not_std, in_place, mean_ignored, returns_the_pair):
         assert status(I06.check_fold_bn, wrong) == "failed", wrong.__name__
+
+
+# chapter 26, exercise 1: the receptive field ----------------------------------------------------------------------
+
+from dlopt_labs.efficient import arch as A26
+
+
+def test_ch26_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def backwards(layers):                              # from the output pixel back to the input
+        r = 1
+        for k, s, d in reversed(layers):
+            r = (r - 1) * s + (k - 1) * d + 1
+        return r
+    assert status(A26.check_receptive_field, backwards) == "passed"
+    def strides_ignored(layers): return 1 + sum((k - 1) * d for k, s, d in layers)
+    def dilation_ignored(layers):
+        r, j = 1, 1
+        for k, s, d in layers:
+            r, j = r + (k - 1) * j, j * s
+        return r
+    def sum_of_kernels(layers): return sum(k for k, s, d in layers)
+    def stride_after(layers):                           # the layer's own stride counted in its step
+        r, j = 1, 1
+        for k, s, d in layers:
+            j *= s
+            r += (k - 1) * d * j
+        return r
+    for wrong in (strides_ignored, dilation_ignored, sum_of_kernels, stride_after):
+        assert status(A26.check_receptive_field, wrong) == "failed", wrong.__name__
+
+
+# chapter 26, exercise 2: squeeze and excitation ------------------------------------------------------------------
+
+def test_ch26_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    from torch import nn
+    class SE(nn.Module):                                # Linear layers on the pooled vector
+        def __init__(self, c, r, pool="mean", gate=torch.sigmoid, bias=True):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(c, c // r, bias=bias), nn.Linear(c // r, c, bias=bias)
+            self.pool, self.gate = pool, gate
+        def forward(self, x):
+            s = x.mean((2, 3)) if self.pool == "mean" else x.amax((2, 3))
+            return x * self.gate(self.fc2(torch.relu(self.fc1(s))))[:, :, None, None]
+    assert status(A26.check_squeeze_excite, lambda c, r: SE(c, r)) == "passed"
+    wrongs = {
+        "max pooling": lambda c, r: SE(c, r, pool="max"),
+        "no sigmoid": lambda c, r: SE(c, r, gate=lambda t: t),
+        "no biases": lambda c, r: SE(c, r, bias=False),
+        "reduction ignored": lambda c, r: SE(c, 1),
+        "a separable block": lambda c, r: A26.DepthwiseSeparable(c, c),
+    }
+    for name, wrong in wrongs.items():
+        assert status(A26.check_squeeze_excite, wrong) == "failed", name
