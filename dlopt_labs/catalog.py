@@ -183,7 +183,7 @@ CATALOG: tuple[Entry, ...] = (
           reference='`torch.fake_quantize_per_tensor_affine`, `torch.linalg.svd`.'),
     Entry(26, 'efficient', 'arch', 'Efficient architectures', '如何提高深度学习模型的推理速度？',
           teaches='Standard vs depthwise-separable convolutions (MobileNet), inverted residuals, width multiplier; parameters, FLOPs (analytic and `torch.utils.flop_counter`), latency, accuracy.',
-          claims=(('fewer-flops-means-lower-latency', 'A network with substantially fewer FLOPs (at least a third fewer) answers a single request faster: judged on every such pair of networks built for the same task, small trained ones and MobileNets v1 and v2 at ImageNet size'),),
+          claims=(('fewer-flops-means-lower-latency', 'A network with substantially fewer FLOPs (at least a third fewer) answers a single request faster: judged on every such pair of networks built for the same task, small trained ones and MobileNets v1 and v2 (224 x 224 in the full course)'),),
           pitfall='FLOPs vs MACs (a factor of 2): papers count multiply-adds, torch.utils.flop_counter counts two operations per multiply-add.'),
     Entry(27, 'deploy', 'ddp', 'Distributed data parallel', '如何提高深度学习模型的可扩展性？',
           teaches='`torch.distributed` with the gloo backend, two processes launched by `torchrun`; gradients of 2 ranks x batch B equal one process at batch 2B (asserted); DistributedSampler with `set_epoch`; scaling efficiency measured honestly on a small machine; how the same script runs multi-node (NCCL, `torchrun --nnodes`).'),

@@ -707,3 +707,10 @@ def test_chapter26_refuses_bad_settings():
     assert _raises(A.layer_table, "net", (1, 8, 8)) == ("TypeError", "layer_table takes an nn.Module, got str")
     assert _raises(A.try_arch, "separable", 1.0, 4) == (
         "ValueError", "resolution >= 8 and batch >= 1, got 4 and 1")
+    assert _raises(A.try_arch, "separable", 1.0, 224, 8) == (
+        "ValueError", "batch x resolution^2 = 401,408 would take minutes on a CPU; keep it at most 262,144 "
+        "(e.g. batch 64 at 64 x 64, or batch 1 at 512 x 512)")
+    assert _raises(A.mobilenet_v2, 0) == ("ValueError", "width_mult must be in (0, 4], got 0; MobileNet uses 0.25 to 1.4")
+    assert _raises(A.layer_table, nn.Sequential(nn.Conv2d(1, 2, 3), nn.LayerNorm(4)), (1, 6, 6)) == (
+        "ValueError", "layer_table counts Conv2d, Linear and BatchNorm2d layers; the model also has weights in "
+        "['LayerNorm']: write their formulas, or count them with count_params and count_flops")

@@ -1619,3 +1619,25 @@ def test_kind_time_share_sums_to_one():
     assert share.mac_share.sum() == pytest.approx(1) and share.time_share.sum() == pytest.approx(1)
     assert set(share.index) == {"standard", "depthwise", "pointwise", "batchnorm", "linear"}
     assert share.loc["batchnorm", "mac_share"] == 0 and share.loc["batchnorm", "time_share"] > 0
+
+
+def test_conv_macs_and_fold_batchnorm():
+    """conv_macs equals half of flop_counter's count for a grouped strided convolution; folding batch norms leaves
+    a network's outputs unchanged in evaluation (1e-5) and removes every BatchNorm2d."""
+    from dlopt_labs.measure import count_flops
+    conv = nn.Conv2d(12, 18, 5, 2, 1, groups=3, bias=False)
+    out = conv(torch.zeros(1, 12, 19, 23))
+    assert A26.conv_macs(12, 18, 5, out.shape[2], out.shape[3], 3) * 2 == count_flops(conv, torch.zeros(1, 12, 19, 23))
+    torch.manual_seed(5)
+    net = A26.make_net("inverted residual", 0.5, channels=(8, 16, 24), in_channels=3, n_classes=5)
+    fit_x = torch.randn(64, 3, 20, 20)
+    net.train()
+    with torch.no_grad():
+        for _ in range(5): net(fit_x * 2 + 1)                     # running statistics far from 0 and 1
+    net.eval()
+    folded = A26.fold_batchnorm(net)
+    x = torch.randn(7, 3, 20, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), atol=1e-5, rtol=1e-5)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())   # the original untouched

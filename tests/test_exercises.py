@@ -1299,11 +1299,14 @@ def test_ch26_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
             self.fc1, self.fc2 = nn.Linear(c, c // r, bias=bias), nn.Linear(c // r, c, bias=bias)
             self.pool, self.gate = pool, gate
         def forward(self, x):
-            s = x.mean((2, 3)) if self.pool == "mean" else x.amax((2, 3))
+            s = {"mean": lambda: x.mean((2, 3)), "max": lambda: x.amax((2, 3)),
+                 "batch": lambda: x.mean((0, 2, 3)).expand(len(x), -1)}[self.pool]()
             return x * self.gate(self.fc2(torch.relu(self.fc1(s))))[:, :, None, None]
     assert status(A26.check_squeeze_excite, lambda c, r: SE(c, r)) == "passed"
+    assert status(A26.check_squeeze_excite, lambda c, r: SE(c, r, gate=F.hardsigmoid)) == "passed"
     wrongs = {
         "max pooling": lambda c, r: SE(c, r, pool="max"),
+        "the batch's mean": lambda c, r: SE(c, r, pool="batch"),
         "no sigmoid": lambda c, r: SE(c, r, gate=lambda t: t),
         "no biases": lambda c, r: SE(c, r, bias=False),
         "reduction ignored": lambda c, r: SE(c, 1),
