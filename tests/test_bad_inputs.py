@@ -714,3 +714,22 @@ def test_chapter26_refuses_bad_settings():
     assert _raises(A.layer_table, nn.Sequential(nn.Conv2d(1, 2, 3), nn.LayerNorm(4)), (1, 6, 6)) == (
         "ValueError", "layer_table counts Conv2d, Linear and BatchNorm2d layers; the model also has weights in "
         "['LayerNorm']: write their formulas, or count them with count_params and count_flops")
+
+
+def test_chapter19_refuses_bad_settings():
+    """Chapter 19's functions that take a learner's data or settings: one line naming the problem and the fix."""
+    import torch
+    from dlopt_labs.efficient import distill as D
+    from dlopt_labs.models import MLP
+    assert _raises(D.soft_targets, torch.zeros(2, 3), 0) == (
+        "ValueError", "the temperature T must be > 0, got 0; Hinton et al. use 2 to 20")
+    assert _raises(D.distill_loss, torch.zeros(2, 3), torch.zeros(2, 4)) == (
+        "ValueError", "student and teacher logits must have the same 2-D shape (rows x classes), got (2, 3) and (2, 4)")
+    assert _raises(D.distill_loss, torch.zeros(2, 3), torch.zeros(2, 3), None, 4.0, 1.5) == (
+        "ValueError", "alpha weighs the soft term against the labels: between 0 and 1, got 1.5")
+    assert _raises(D.train_student, MLP(4, 2), torch.zeros(5, 4), torch.zeros(4, dtype=torch.long)) == (
+        "ValueError", "X, y and teacher_logits need one row per training example")
+    assert _raises(D.train_student, MLP(4, 2), torch.zeros(5, 4), torch.zeros(5, dtype=torch.long), epochs=0) == (
+        "ValueError", "epochs must be >= 1, got 0")
+    assert _raises(D.SharedMLP, depth=0) == ("ValueError", "depth and width must be >= 1, got 0 and 128")
+    assert _raises(D.try_distill, n_train=5) == ("ValueError", "n_train must be between 10 and 1000 digits, got 5")

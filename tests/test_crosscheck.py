@@ -1641,3 +1641,68 @@ def test_conv_macs_and_fold_batchnorm():
         torch.testing.assert_close(folded(x), net(x), atol=1e-5, rtol=1e-5)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())   # the original untouched
+
+
+# chapter 19: the distillation loss against F.kl_div and F.cross_entropy, weight sharing's counts -----------------
+
+from dlopt_labs.efficient import distill as D19
+
+
+@pytest.mark.parametrize("T", [1.0, 3.0, 20.0])
+def test_distill_loss_equals_kl_div_batchmean_times_t_squared(T):
+    """On shapes the chapter does not use: the hand-written KL equals F.kl_div(..., "batchmean") * T^2 (float64,
+    1e-12); with labels, the alpha mix with F.cross_entropy; the gradient is T (softmax(s/T) - softmax(t/T)) / N."""
+    g = torch.Generator().manual_seed(19)
+    s = torch.randn(13, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(13, 7, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 7, (13,), generator=g)
+    ref = F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean") * T**2
+    ours = D19.distill_loss(s, t, T=T)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    mixed = D19.distill_loss(s, t, y, T=T, alpha=0.3)
+    torch.testing.assert_close(mixed, 0.3 * ref + 0.7 * F.cross_entropy(s, y), rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(ours, s)
+    want = T * (F.softmax(s / T, -1) - F.softmax(t / T, -1)) / 13
+    torch.testing.assert_close(grad, want.detach(), rtol=1e-10, atol=1e-12)
+    unscaled = D19.distill_loss(s, t, T=T, t_squared=False)
+    torch.testing.assert_close(unscaled * T**2, ours)
+
+
+def test_teacher_gets_no_gradient_and_agreement_is_counted():
+    s = torch.randn(6, 4, requires_grad=True); t = torch.randn(6, 4, requires_grad=True)
+    D19.distill_loss(s, t, torch.zeros(6, dtype=torch.long)).backward()
+    assert t.grad is None and s.grad is not None
+    torch.manual_seed(1)
+    a, b = MLP(5, 3, hidden=(4,)), MLP(5, 3, hidden=(4,))
+    X = torch.randn(50, 5)
+    out = D19.agreement(a, b, X)
+    with torch.no_grad():
+        assert out["top1_agreement"] == pytest.approx(float((a(X).argmax(1) == b(X).argmax(1)).float().mean()))
+        assert out["kl"] == pytest.approx(float(F.kl_div(F.log_softmax(a(X), -1), F.softmax(b(X), -1),
+                                                         reduction="batchmean")), rel=1e-5)
+    assert D19.agreement(a, a, X) == dict(top1_agreement=1.0, kl=0.0)
+
+
+def test_weight_sharing_divides_parameters_not_flops():
+    from dlopt_labs.measure import count_flops, count_params
+    for depth in (1, 3, 5):
+        shared, unshared = D19.SharedMLP(20, 4, 16, depth, True), D19.SharedMLP(20, 4, 16, depth, False)
+        assert count_params(unshared) - count_params(shared) == (depth - 1) * (16 * 16 + 16)
+        x = torch.randn(9, 20)
+        assert count_flops(shared, x) == count_flops(unshared, x)
+    net = D19.SharedMLP(20, 4, 16, 3, True)
+    assert len(net.hidden) == 1 and net(torch.randn(2, 20)).shape == (2, 4)
+
+
+def test_train_student_learns_from_soft_targets_alone():
+    """alpha = 1 ignores the labels: a student given scrambled labels but the teacher's logits still learns."""
+    from dlopt_labs.data import load, split
+    d = split(load("digits"), seed=5)
+    X, y = torch.as_tensor(d.X_train, dtype=torch.float32), torch.as_tensor(d.y_train)
+    torch.manual_seed(5)
+    teacher = D19.train_student(MLP(64, 10, hidden=(64,)), X, y, epochs=15, seed=5)
+    with torch.no_grad(): logits = teacher(X)
+    student = D19.train_student(MLP(64, 10, hidden=(16,)), X, y[torch.randperm(len(y))], logits, T=4.0,
+                                alpha=1.0, epochs=15, seed=5)
+    Xt, yt = torch.as_tensor(d.X_test, dtype=torch.float32), torch.as_tensor(d.y_test)
+    with torch.no_grad(): assert float((student(Xt).argmax(1) == yt).float().mean()) > 0.8

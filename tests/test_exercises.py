@@ -1314,3 +1314,44 @@ def test_ch26_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
     }
     for name, wrong in wrongs.items():
         assert status(A26.check_squeeze_excite, wrong) == "failed", name
+
+
+# chapter 19, exercise 1: logit matching ---------------------------------------------------------------------------
+
+from dlopt_labs.efficient import distill as D19
+
+
+def test_ch19_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def by_centring_matrix(s, t):                       # (I - 11^T / C) applied to the difference
+        c = s.shape[1]
+        H = torch.eye(c, dtype=s.dtype) - torch.full((c, c), 1 / c, dtype=s.dtype)
+        d = (s - t) @ H
+        return torch.einsum("ij,ij->", d, d) / (2 * c * s.shape[0])
+    assert status(D19.check_logit_matching, by_centring_matrix) == "passed"
+    wrongs = {
+        "not centred": lambda s, t: ((s - t) ** 2).sum(1).mean() / (2 * s.shape[1]),
+        "mse over all entries": lambda s, t: F.mse_loss(s - s.mean(1, keepdim=True), t - t.mean(1, keepdim=True)),
+        "summed over rows": lambda s, t: by_centring_matrix(s, t) * s.shape[0],
+        "the chapter's loss at a high T": lambda s, t: D19.distill_loss(s, t, T=200.0),
+        "probabilities matched": lambda s, t: ((F.softmax(s, 1) - F.softmax(t, 1)) ** 2).sum(1).mean() / 2,
+    }
+    for name, wrong in wrongs.items():
+        assert status(D19.check_logit_matching, wrong) == "failed", name
+
+
+# chapter 19, exercise 2: distillation without labels --------------------------------------------------------------
+
+def test_ch19_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    from dlopt_labs.models import MLP
+    def hard_pseudo_labels(teacher, X):                 # the teacher's classes as labels, plain cross-entropy
+        with torch.no_grad(): labels = teacher(X).argmax(1)
+        torch.manual_seed(1)
+        return D19.train_student(MLP(64, 10, hidden=(32,)), X, labels, epochs=40, seed=1)
+    assert status(D19.check_distil_unlabelled, hard_pseudo_labels) == "passed"
+    def untrained(teacher, X): return MLP(64, 10, hidden=(32,))
+    def the_teacher_itself(teacher, X): return teacher
+    def random_labels(teacher, X):
+        torch.manual_seed(2)
+        return D19.train_student(MLP(64, 10, hidden=(32,)), X, torch.randint(0, 10, (len(X),)), epochs=5)
+    for wrong in (untrained, the_teacher_itself, random_labels):
+        assert status(D19.check_distil_unlabelled, wrong) == "failed", wrong.__name__
