@@ -730,6 +730,9 @@ def test_chapter19_refuses_bad_settings():
     assert _raises(D.train_student, MLP(4, 2), torch.zeros(5, 4), torch.zeros(4, dtype=torch.long)) == (
         "ValueError", "X, y and teacher_logits need one row per training example")
     assert _raises(D.train_student, MLP(4, 2), torch.zeros(5, 4), torch.zeros(5, dtype=torch.long), epochs=0) == (
-        "ValueError", "epochs must be >= 1, got 0")
-    assert _raises(D.SharedMLP, depth=0) == ("ValueError", "depth and width must be >= 1, got 0 and 128")
+        "ValueError", "epochs and batch must be >= 1 and lr > 0, got 0, 64 and 0.003")
+    assert _raises(D.SharedMLP, depth=0) == (
+        "ValueError", "d_in, n_classes, width and depth must be >= 1, got 64, 10, 128, 0")
+    assert _raises(D.try_distill, hidden=0) == (
+        "ValueError", "hidden and epochs must be >= 1 and seed >= 0, got 0, 200, 0")
     assert _raises(D.try_distill, n_train=5) == ("ValueError", "n_train must be between 10 and 1000 digits, got 5")

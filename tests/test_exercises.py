@@ -1339,19 +1339,19 @@ def test_ch19_exercise1_accepts_a_different_correct_solution_and_refuses_likely_
         assert status(D19.check_logit_matching, wrong) == "failed", name
 
 
-# chapter 19, exercise 2: distillation without labels --------------------------------------------------------------
+# chapter 19, exercise 2: the hint loss -----------------------------------------------------------------------------
 
 def test_ch19_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
-    from dlopt_labs.models import MLP
-    def hard_pseudo_labels(teacher, X):                 # the teacher's classes as labels, plain cross-entropy
-        with torch.no_grad(): labels = teacher(X).argmax(1)
-        torch.manual_seed(1)
-        return D19.train_student(MLP(64, 10, hidden=(32,)), X, labels, epochs=40, seed=1)
-    assert status(D19.check_distil_unlabelled, hard_pseudo_labels) == "passed"
-    def untrained(teacher, X): return MLP(64, 10, hidden=(32,))
-    def the_teacher_itself(teacher, X): return teacher
-    def random_labels(teacher, X):
-        torch.manual_seed(2)
-        return D19.train_student(MLP(64, 10, hidden=(32,)), X, torch.randint(0, 10, (len(X),)), epochs=5)
-    for wrong in (untrained, the_teacher_itself, random_labels):
-        assert status(D19.check_distil_unlabelled, wrong) == "failed", wrong.__name__
+    def with_mse(h_s, h_t, proj):                       # F.mse_loss averages over features too: times their number
+        return F.mse_loss(proj(h_s), h_t.detach(), reduction="sum") / len(h_s)
+    assert status(D19.check_hint_loss, with_mse) == "passed"
+    wrongs = {
+        "teacher not detached": lambda h_s, h_t, p: ((p(h_s) - h_t) ** 2).sum(-1).mean(),
+        "mean over features too": lambda h_s, h_t, p: F.mse_loss(p(h_s), h_t.detach()),
+        "not squared": lambda h_s, h_t, p: (p(h_s) - h_t.detach()).norm(dim=-1).mean(),
+        "projection detached": lambda h_s, h_t, p: ((F.linear(h_s, p.weight.detach(), p.bias.detach())
+                                                      - h_t.detach()) ** 2).sum(-1).mean(),
+        "the chapter's distillation loss": lambda h_s, h_t, p: D19.distill_loss(p(h_s), h_t),
+    }
+    for name, wrong in wrongs.items():
+        assert status(D19.check_hint_loss, wrong) == "failed", name
