@@ -164,9 +164,17 @@ def mobilenet_v2(width_mult: float = 1.0, n_classes: int = 1000, device=None) ->
     return nn.Sequential(*layers, nn.Flatten(), nn.Dropout(0.2), head)
 
 # %% ../../nbs/efficient/26_arch.ipynb #b3a9e329
-def conv_macs(c_in: int, c_out: int, k: int, out_h: int, out_w: int, groups: int = 1) -> int:
-    "Multiply-accumulates of a convolution: each output value sums (c_in / groups) k k products."
-    return c_out * out_h * out_w * (c_in // groups) * k * k
+def conv_macs(
+    c_in: int,
+    c_out: int,
+    k,
+    out_h: int,
+    out_w: int,
+    groups: int = 1,  # k: an int or (kh, kw)
+) -> int:
+    "Multiply-accumulates of a convolution: each output value sums (c_in / groups) kh kw products."
+    kh, kw = (k, k) if isinstance(k, int) else k
+    return c_out * out_h * out_w * (c_in // groups) * kh * kw
 
 
 def layer_table(
@@ -213,6 +221,22 @@ def layer_table(
         for h in hooks:
             h.remove()
     rows = []
+
+    def add(name, kind, c_in, c_out, k, groups, out_hw, params, macs):
+        rows.append(
+            dict(
+                layer=name,
+                kind=kind,
+                c_in=c_in,
+                c_out=c_out,
+                k=k,
+                groups=groups,
+                out_hw=out_hw,
+                params=params,
+                macs=macs,
+            )
+        )
+
     for name, m in model.named_modules():
         if name not in shapes:
             continue
@@ -226,50 +250,15 @@ def layer_table(
             )
             params = m.out_channels * (m.in_channels // g) * k * m.kernel_size[1]
             params += m.out_channels if m.bias is not None else 0
-            macs = m.out_channels * out[2] * out[3] * (m.in_channels // g) * k * m.kernel_size[1]
-            rows.append(
-                dict(
-                    layer=name,
-                    kind=kind,
-                    c_in=m.in_channels,
-                    c_out=m.out_channels,
-                    k=k,
-                    groups=g,
-                    out_hw=out[2] * out[3],
-                    params=params,
-                    macs=macs,
-                )
-            )
+            macs = conv_macs(m.in_channels, m.out_channels, m.kernel_size, out[2], out[3], g)
+            add(name, kind, m.in_channels, m.out_channels, k, g, out[2] * out[3], params, macs)
         elif isinstance(m, nn.Linear):
             params = m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
-            rows.append(
-                dict(
-                    layer=name,
-                    kind="linear",
-                    c_in=m.in_features,
-                    c_out=m.out_features,
-                    k=1,
-                    groups=1,
-                    out_hw=1,
-                    params=params,
-                    macs=m.in_features * m.out_features,
-                )
-            )
+            macs = m.in_features * m.out_features
+            add(name, "linear", m.in_features, m.out_features, 1, 1, 1, params, macs)
         else:
             params = 2 * m.num_features if m.affine else 0
-            rows.append(
-                dict(
-                    layer=name,
-                    kind="batchnorm",
-                    c_in=m.num_features,
-                    c_out=m.num_features,
-                    k=0,
-                    groups=0,
-                    out_hw=out[2] * out[3],
-                    params=params,
-                    macs=0,
-                )
-            )
+            add(name, "batchnorm", m.num_features, m.num_features, 0, 0, out[2] * out[3], params, 0)
     return pd.DataFrame(rows)
 
 
