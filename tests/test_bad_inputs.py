@@ -736,3 +736,37 @@ def test_chapter19_refuses_bad_settings():
     assert _raises(D.try_distill, hidden=0) == (
         "ValueError", "hidden and epochs must be >= 1 and seed >= 0, got 0, 200, 0")
     assert _raises(D.try_distill, n_train=5) == ("ValueError", "n_train must be between 10 and 1000 digits, got 5")
+
+
+def test_chapter25_refuses_bad_settings():
+    """Chapter 25's functions that take a learner's layers, tensors or settings: one line naming the problem and
+    the fix."""
+    import torch
+    from dlopt_labs.efficient import pipeline as P
+    lin = torch.nn.Linear(6, 4)
+    assert _raises(P.svd_factorize, lin, 5) == (
+        "ValueError", "rank must be an integer from 1 to min(outputs, inputs) = 4, got 5")
+    assert _raises(P.svd_factorize, torch.nn.Sequential(lin), 2) == (
+        "TypeError", "svd_factorize takes an nn.Linear, got Sequential; use factorize_model(model, rank) for a whole model")
+    assert _raises(P.factorize_model, torch.nn.Sequential(lin), 2, skip="head") == (
+        "ValueError", "skip names ['head'] are not Linear layers of the model: ['0']")
+    assert _raises(P.fake_quant, torch.zeros(3), 0.0) == (
+        "ValueError", "scale must be positive and finite everywhere; clamp it, e.g. scale.clamp(min=1e-12)")
+    assert _raises(P.fake_quant, torch.zeros(3), 0.1, 0, 7, 7) == (
+        "ValueError", "qmin and qmax must be integers with qmin < qmax, got 7 and 7")
+    assert _raises(P.fake_quant, torch.zeros(3, dtype=torch.int8), 0.1) == (
+        "ValueError", "fake_quant takes a float tensor, got torch.int8; convert it first, e.g. x.float()")
+    assert _raises(P.prepare_qat, torch.nn.Sequential(lin), 1) == (
+        "ValueError", "bits must be an integer from 2 to 8, got 1")
+    assert _raises(P.prepare_qat, torch.nn.Sequential(torch.nn.ReLU()), 4) == (
+        "ValueError", "the model has no Linear layer to quantise; these functions convert nn.Linear (and QATLinear) layers")
+    assert _raises(P.deploy_int, torch.nn.Sequential(lin)) == (
+        "ValueError", "bits must be an integer from 2 to 8 for float layers, got None")
+    assert _raises(P.pack_codes, torch.full((3,), 9, dtype=torch.int8), 4) == (
+        "ValueError", "codes must be int8 values from -8 to 7 for 4 bits")
+    assert _raises(P.pack_codes, torch.zeros(3, dtype=torch.int8), 3) == (
+        "ValueError", "bits must be 2, 4 or 8 (a whole number of codes per byte), got 3")
+    assert _raises(P.pareto_front, __import__("pandas").DataFrame(dict(a=[1])), "bytes", "acc") == (
+        "ValueError", "the table has no column ['bytes', 'acc']; its columns: ['a']")
+    assert _raises(P.try_compress, hidden=8) == (
+        "ValueError", "hidden must be from 16 to 1024 and epochs from 1 to 100, got 8 and 10")

@@ -1706,3 +1706,116 @@ def test_train_student_learns_from_soft_targets_alone():
                                 alpha=1.0, epochs=15, seed=5)
     Xt, yt = torch.as_tensor(d.X_test, dtype=torch.float32), torch.as_tensor(d.y_test)
     with torch.no_grad(): assert float((student(Xt).argmax(1) == yt).float().mean()) > 0.8
+
+
+# chapter 25: truncated SVD against Eckart-Young, fake quantisation against torch's, packing, deployment ------------
+
+from dlopt_labs.efficient import pipeline as P25
+
+
+@pytest.mark.parametrize("shape,rank", [((37, 23), 5), ((16, 90), 16), ((8, 8), 1)])
+def test_svd_factorize_is_eckart_young_and_keeps_the_bias(shape, rank):
+    """On shapes the chapter does not use: the factorised layer's product is U_r S_r V_r^T from torch.linalg.svd
+    (float64, 1e-10), its errors are the discarded singular values' in Frobenius and spectral norm, and the two
+    layers compute what the rank-r weight computes, bias included."""
+    torch.manual_seed(25)
+    lin = torch.nn.Linear(shape[1], shape[0]).double()
+    f = P25.svd_factorize(lin, rank)
+    U, S, Vh = torch.linalg.svd(lin.weight.detach())
+    best = U[:, :rank] @ torch.diag(S[:rank]) @ Vh[:rank]
+    with torch.no_grad():
+        prod = f[1].weight @ f[0].weight
+        torch.testing.assert_close(prod, best, rtol=1e-10, atol=1e-10)
+        e = P25.truncation_errors(lin.weight, prod, rank)
+        assert e["fro"] == pytest.approx(float(S[rank:].square().sum().sqrt()), rel=1e-9, abs=1e-12)
+        assert e["spectral"] == pytest.approx(float(S[rank]) if rank < len(S) else 0.0, rel=1e-9, abs=1e-12)
+        x = torch.randn(5, shape[1], dtype=torch.float64)
+        torch.testing.assert_close(f(x), x @ best.T + lin.bias, rtol=1e-10, atol=1e-10)
+    # no other rank-r matrix is closer: a random one, or the truncation of a perturbed W
+    other = torch.randn(shape[0], rank, dtype=torch.float64) @ torch.randn(rank, shape[1], dtype=torch.float64)
+    assert torch.linalg.matrix_norm(lin.weight.detach() - other) > e["fro"]
+
+
+def test_factorize_model_replaces_only_layers_where_the_rank_saves():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 200), torch.nn.ReLU(), torch.nn.Linear(200, 200),
+                                torch.nn.ReLU(), torch.nn.Linear(200, 3))
+    f = P25.factorize_model(model, 60)            # break-even: 64x200 at 48.5, 200x200 at 100, 200x3 at 2.96
+    assert isinstance(f[0], torch.nn.Linear) and isinstance(f[2], torch.nn.Sequential)
+    assert isinstance(f[4], torch.nn.Linear)
+    assert sum(p.numel() for p in f.parameters()) == 64 * 200 + 200 + 60 * 400 + 200 + 200 * 3 + 3
+    assert isinstance(model[2], torch.nn.Linear), "the model passed in is not changed"
+    full = P25.factorize_model(model, 100)          # at break-even the layer is kept whole
+    assert isinstance(full[2], torch.nn.Linear)
+
+
+@pytest.mark.parametrize("scale,zp,qmin,qmax", [(0.05, 0, -128, 127), (0.3, 5, 0, 15), (1.7, -1, -2, 1)])
+def test_fake_quant_equals_torch_values_and_gradients(scale, zp, qmin, qmax):
+    """Against torch.fake_quantize_per_tensor_affine (float32, exactly equal) on inputs across and beyond the
+    range, and the per-channel version with one scale per row (float32, 1e-6)."""
+    g = torch.Generator().manual_seed(251)
+    x = (torch.randn(7, 113, generator=g) * scale * (qmax - qmin)).requires_grad_()
+    up = torch.randn(7, 113, generator=g)
+    ours = P25.fake_quant(x, scale, zp, qmin, qmax)
+    ref = torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax)
+    assert torch.equal(ours, ref)
+    (g1,) = torch.autograd.grad((ours * up).sum(), x)
+    (g2,) = torch.autograd.grad((ref * up).sum(), x)
+    assert torch.equal(g1, g2) and 0 < int((g1 == 0).sum()) < g1.numel()    # some clipped, some not
+    s = torch.rand(7, generator=g) + 0.05
+    zps = torch.randint(qmin, qmax + 1, (7,), generator=g, dtype=torch.int32)
+    ours = P25.fake_quant(x, s[:, None], zps[:, None].float(), qmin, qmax)
+    ref = torch.fake_quantize_per_channel_affine(x, s, zps, 0, qmin, qmax)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_packing_round_trips_and_shrinks(bits):
+    g = torch.Generator().manual_seed(bits)
+    lim = 2 ** (bits - 1)
+    codes = torch.randint(-lim, lim, (37, 11), generator=g).to(torch.int8)    # an odd count: padding is needed
+    packed = P25.pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-codes.numel() * bits // 8)
+    assert torch.equal(P25.unpack_codes(packed, bits, (37, 11)), codes)
+
+
+def test_deployed_qat_layer_is_what_was_trained_and_ptq_is_rounding():
+    """deploy_int turns a QATLinear into chapter 06's Int8Linear computing the same outputs (float32, 1e-5 of the
+    largest) and whose codes dequantise to the fake-quantised weight; a float Linear deployed at b bits keeps
+    every weight within half a step of the original."""
+    from dlopt_labs.efficient.inference import Int8Linear
+    torch.manual_seed(252)
+    lin = torch.nn.Linear(40, 24)
+    for bits in (2, 3, 4, 8):
+        qat = P25.QATLinear(lin, bits)
+        dep = P25.deploy_int(torch.nn.Sequential(qat))[0]
+        assert isinstance(dep, Int8Linear)
+        x = torch.randn(17, 40) * 3
+        with torch.no_grad():
+            a, b = qat(x), dep(x)
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5 * float(a.abs().max()))
+            qmax = 2 ** (bits - 1) - 1
+            s = lin.weight.abs().amax(1, keepdim=True) / qmax
+            torch.testing.assert_close(dep.dequantized_weight(), torch.round(lin.weight / s).clamp(-qmax, qmax) * s,
+                                       rtol=0, atol=1e-6)
+            assert float(dep.weight_t.abs().max()) <= qmax
+            ptq = P25.deploy_int(torch.nn.Sequential(lin), bits)[0]
+            assert float((ptq.dequantized_weight() - lin.weight).abs().max()) <= float(s.max()) / 2 + 1e-6
+
+
+def test_qat_without_ste_moves_no_weight_and_with_it_learns():
+    from dlopt_labs.efficient.distill import train_student
+    torch.manual_seed(253)
+    net = MLP(12, 3, hidden=(16,))
+    X, y = torch.randn(64, 12), torch.randint(0, 3, (64,))
+    plain = train_student(P25.prepare_qat(net, 2, ste=False), X, y, epochs=3, seed=0)
+    trained = train_student(P25.prepare_qat(net, 2), X, y, epochs=3, seed=0)
+    assert torch.equal(plain[1].weight, net[1].weight) and torch.equal(plain[3].weight, net[3].weight)
+    assert not torch.equal(plain[3].bias, net[3].bias)
+    assert not torch.equal(trained[1].weight, net[1].weight)
+
+
+def test_pareto_front_keeps_exactly_the_undominated():
+    t = pd.DataFrame(dict(bytes=[10, 5, 5, 1, 20], acc=[0.9, 0.9, 0.8, 0.5, 0.95]), index=list("abcde"))
+    assert P25.pareto_front(t, ("bytes",), "acc").to_dict() == dict(a=False, b=True, c=False, d=True, e=True)
+    tie = pd.DataFrame(dict(bytes=[3, 3], acc=[0.7, 0.7]), index=["x", "y"])
+    assert P25.pareto_front(tie, "bytes", "acc").all()      # equal points do not dominate each other

@@ -1355,3 +1355,49 @@ def test_ch19_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
     }
     for name, wrong in wrongs.items():
         assert status(D19.check_hint_loss, wrong) == "failed", name
+
+
+# chapter 25, exercise 1: learned step size ------------------------------------------------------------------------
+
+from dlopt_labs.efficient import pipeline as P25
+
+
+def test_ch25_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def torch_learnable(x, s, qmin, qmax):              # PyTorch's own LSQ kernel, zero point 0, grad factor 1
+        return torch._fake_quantize_learnable_per_tensor_affine(x, s, torch.zeros(1, dtype=x.dtype), qmin, qmax, 1.0)
+    assert status(P25.check_lsq, torch_learnable) == "passed"
+
+    def by_straight_through(x, s, qmin, qmax):         # v + (round(v) - v).detach(), the clipping by where()
+        v = x / s
+        r = v + (torch.round(v) - v).detach()
+        return torch.where(r < qmin, qmin * s, torch.where(r > qmax, qmax * s, r * s))
+    assert status(P25.check_lsq, by_straight_through) == "passed"
+    wrongs = {
+        "the chapter's fake_quant: no gradient for the scale": lambda x, s, lo, hi: P25.fake_quant(x, s, 0, lo, hi),
+        "scale detached": lambda x, s, lo, hi: by_straight_through(x, s.detach(), lo, hi),
+        "no clipping in the gradient": lambda x, s, lo, hi: (x / s + (torch.round(x / s).clamp(lo, hi) - x / s).detach()) * s,
+        "rounding kept out of the scale's gradient": lambda x, s, lo, hi: torch.clamp(x + (torch.round(x / s) * s - x).detach(), lo * s, hi * s),
+        "no rounding": lambda x, s, lo, hi: torch.clamp(x, lo * s, hi * s),
+    }
+    for name, wrong in wrongs.items():
+        assert status(P25.check_lsq, wrong) == "failed", name
+
+
+# chapter 25, exercise 2: bias correction --------------------------------------------------------------------------
+
+def test_ch25_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def via_outputs(w, wq, b, x):                        # the mean output shift measured, then removed
+        return b - ((x @ wq.T) - (x @ w.T)).mean(0)
+    assert status(P25.check_bias_correction, via_outputs) == "passed"
+
+    def in_place(w, wq, b, x):
+        b -= (wq - w) @ x.mean(0)
+        return b
+    wrongs = {
+        "sign flipped": lambda w, wq, b, x: b + (wq - w) @ x.mean(0),
+        "unchanged": lambda w, wq, b, x: b.clone(),
+        "mean over the wrong axis": lambda w, wq, b, x: b - ((wq - w) * x.mean()).sum(1),
+        "changes the bias in place": in_place,
+    }
+    for name, wrong in wrongs.items():
+        assert status(P25.check_bias_correction, wrong) == "failed", name

@@ -155,7 +155,8 @@ def quantize_rows(
     qmax = 2 ** (bits - 1) - 1
     t = t.detach()
     scale = t.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / qmax
-    codes = torch.clamp(torch.round(t / scale), -qmax, qmax).to(torch.int8)
+    # times the reciprocal, as torch's quantisation kernels round: ties land where theirs do
+    codes = torch.clamp(torch.round(t * (1.0 / scale)), -qmax, qmax).to(torch.int8)
     return codes, scale
 
 # %% ../../nbs/efficient/06_inference.ipynb #3ad59625
