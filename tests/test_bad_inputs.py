@@ -768,5 +768,16 @@ def test_chapter25_refuses_bad_settings():
         "ValueError", "bits must be 2, 4 or 8 (a whole number of codes per byte), got 3")
     assert _raises(P.pareto_front, __import__("pandas").DataFrame(dict(a=[1])), "bytes", "acc") == (
         "ValueError", "the table has no column ['bytes', 'acc']; its columns: ['a']")
+    assert _raises(P.unpack_codes, torch.zeros(3, dtype=torch.uint8), 4, (4, 4)) == (
+        "ValueError", "packed must be the flat uint8 tensor pack_codes made for shape (4, 4) at 4 bits (8 bytes), got torch.uint8 (3,)")
+    assert _raises(P.fake_quant, torch.zeros(3), 0.1, 9, 0, 7) == (
+        "ValueError", "zero_point must be a code from qmin to qmax (0 to 7)")
+    assert _raises(P.compress, torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)),
+                   torch.zeros(5, 7), torch.zeros(5, dtype=torch.long)) == (
+        "ValueError", "X must be rows of the teacher's 6 input features, got shape (5, 7)")
+    assert _raises(P.svd_factorize, lin, True) == (
+        "ValueError", "rank must be an integer from 1 to min(outputs, inputs) = 4, got True")
+    assert isinstance(P.prepare_qat(lin, 4), P.QATLinear)         # a bare layer is converted, not refused
+    assert isinstance(P.factorize_model(torch.nn.Linear(40, 40), 5), torch.nn.Sequential)
     assert _raises(P.try_compress, hidden=8) == (
         "ValueError", "hidden must be from 16 to 1024 and epochs from 1 to 100, got 8 and 10")

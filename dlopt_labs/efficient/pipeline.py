@@ -17,9 +17,9 @@ from ..measure import model_size_bytes
 from ..models import MLP
 
 # %% auto #0
-__all__ = ['svd_factorize', 'truncation_errors', 'factorize_model', 'fake_quant', 'symmetric_scale', 'QATLinear', 'prepare_qat',
-           'deploy_int', 'pack_codes', 'unpack_codes', 'packed_state', 'packed_bytes', 'pareto_front', 'compress',
-           'try_compress', 'check_lsq', 'check_bias_correction']
+__all__ = ['svd_factorize', 'truncation_errors', 'factorize_model', 'fake_quant', 'QATLinear', 'prepare_qat', 'deploy_int',
+           'pack_codes', 'unpack_codes', 'packed_state', 'packed_bytes', 'pareto_front', 'compress', 'try_compress',
+           'check_lsq', 'check_bias_correction']
 
 # %% ../../nbs/efficient/25_pipeline.ipynb #2d54860f
 def svd_factorize(
@@ -36,16 +36,15 @@ def svd_factorize(
             "use factorize_model(model, rank) for a whole model"
         )
     m, n = linear.out_features, linear.in_features
-    if not isinstance(rank, int) or not 1 <= rank <= min(m, n):
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
         raise ValueError(
             f"rank must be an integer from 1 to min(outputs, inputs) = {min(m, n)}, got {rank!r}"
         )
     W = linear.weight.detach()
     U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
     root = S[:rank].sqrt()
-    kw = dict(device=W.device, dtype=W.dtype)
-    first = nn.Linear(n, rank, bias=False, **kw)
-    second = nn.Linear(rank, m, bias=linear.bias is not None, **kw)
+    first = nn.Linear(n, rank, bias=False, device=W.device, dtype=W.dtype)
+    second = nn.Linear(rank, m, bias=linear.bias is not None, device=W.device, dtype=W.dtype)
     with torch.no_grad():
         first.weight.copy_(root[:, None] * Vh[:rank])
         second.weight.copy_(U[:, :rank] * root)
@@ -68,7 +67,7 @@ def truncation_errors(
             f"and {tuple(approx.shape)}"
         )
     S = torch.linalg.svdvals(weight.detach().double())
-    if not 1 <= rank <= len(S):
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= len(S):
         raise ValueError(f"rank must be from 1 to {len(S)}, got {rank}")
     d = (weight.detach() - approx.detach()).double()
     dropped = S[rank:]
@@ -99,12 +98,14 @@ def factorize_model(
     if unknown:
         raise ValueError(f"skip names {unknown} are not Linear layers of the model: {names}")
     q = copy.deepcopy(model)
+    saves = lambda l: rank * (l.out_features + l.in_features) < l.out_features * l.in_features
+    if isinstance(q, nn.Linear):  # a bare layer
+        return svd_factorize(q, rank) if saves(q) and "" not in skip else q
     for name in names:
         parent, _, leaf = name.rpartition(".")
         owner = q.get_submodule(parent) if parent else q
         layer = getattr(owner, leaf)
-        m, n = layer.out_features, layer.in_features
-        if name not in skip and rank * (m + n) < m * n:
+        if name not in skip and saves(layer):
             setattr(owner, leaf, svd_factorize(layer, rank))
     return q
 
@@ -153,10 +154,12 @@ def fake_quant(
     zero_point = torch.as_tensor(zero_point, dtype=x.dtype, device=x.device).detach()
     if not bool((zero_point == zero_point.round()).all()):
         raise ValueError("zero_point must hold whole numbers (it is a code)")
+    if not bool(((zero_point >= qmin) & (zero_point <= qmax)).all()):
+        raise ValueError(f"zero_point must be a code from qmin to qmax ({qmin} to {qmax})")
     return _FakeQuantSTE.apply(x, scale, zero_point, qmin, qmax)
 
 
-def symmetric_scale(
+def _symmetric_scale(
     t: torch.Tensor,  # 2-D: a weight (outputs x inputs) or activations (rows x features)
     bits: int,  # bits per code, 2 to 8
 ) -> torch.Tensor:
@@ -191,7 +194,7 @@ class QATLinear(nn.Module):
 
     def _q(self, t: torch.Tensor, bits: int) -> torch.Tensor:
         qmax = 2 ** (bits - 1) - 1
-        s = symmetric_scale(t, bits)
+        s = _symmetric_scale(t, bits)
         if self.ste:
             return fake_quant(t, s, 0, -qmax, qmax)
         return torch.clamp(torch.round(t * (1.0 / s)), -qmax, qmax) * s
@@ -214,6 +217,8 @@ def _swap_linears(model: nn.Module, make, kinds=(nn.Linear,)) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     q = copy.deepcopy(model)
+    if isinstance(q, kinds):  # a bare layer
+        return make(q)
     names = [n for n, m in q.named_modules() if isinstance(m, kinds)]
     if not names:
         raise ValueError(
@@ -245,6 +250,12 @@ def deploy_int(
     QATLinear this is exactly the quantisation it was trained under."""
 
     def make(layer):
+        if isinstance(layer, QATLinear) and layer.act_bits != 8:
+            raise ValueError(
+                "deploy_int runs inputs at 8 bits (chapter 06's Int8Linear), but a layer was "
+                f"trained with act_bits={layer.act_bits}; train with act_bits=8 to deploy what you "
+                "trained"
+            )
         b = layer.bits if isinstance(layer, QATLinear) else bits
         if not isinstance(b, int) or not 2 <= b <= 8:
             raise ValueError(f"bits must be an integer from 2 to 8 for float layers, got {b!r}")
@@ -268,6 +279,8 @@ def pack_codes(
     "Codes packed 8 // bits to a byte (their two's-complement low bits), as a flat uint8 tensor."
     if bits not in (2, 4, 8):
         raise ValueError(f"bits must be 2, 4 or 8 (a whole number of codes per byte), got {bits!r}")
+    if not isinstance(codes, torch.Tensor):
+        raise TypeError(f"pack_codes takes an int8 tensor of codes, got {type(codes).__name__}")
     lim = 2 ** (bits - 1)
     wide = codes.to(torch.int16)
     if codes.dtype != torch.int8 or (codes.numel() and (wide.min() < -lim or wide.max() >= lim)):
@@ -290,25 +303,31 @@ def unpack_codes(
     if bits not in (2, 4, 8):
         raise ValueError(f"bits must be 2, 4 or 8, got {bits!r}")
     per, mask = 8 // bits, 2**bits - 1
-    parts = [((packed >> (bits * i)) & mask).to(torch.int16) for i in range(per)]
-    v = torch.stack(parts, 1).flatten()
-    v = torch.where(v >= 2 ** (bits - 1), v - 2**bits, v).to(torch.int8)
     n = 1
     for d in shape:
         n *= d
+    if packed.dtype != torch.uint8 or packed.ndim != 1 or packed.numel() != -(-n // per):
+        raise ValueError(
+            f"packed must be the flat uint8 tensor pack_codes made for shape {tuple(shape)} at "
+            f"{bits} bits ({-(-n // per)} bytes), got {packed.dtype} {tuple(packed.shape)}"
+        )
+    parts = [((packed >> (bits * i)) & mask).to(torch.int16) for i in range(per)]
+    v = torch.stack(parts, 1).flatten()
+    v = torch.where(v >= 2 ** (bits - 1), v - 2**bits, v).to(torch.int8)
     return v[:n].reshape(shape)
 
 
 def packed_state(model: nn.Module) -> dict:
-    """What a deployed model stores: each `Int8Linear`'s codes packed at its bits (from deploy_int;
-    8 bits otherwise), with their scales and bias; every other tensor as it is."""
+    """What a deployed model stores: each `Int8Linear`'s codes packed at the smallest of 2, 4 or 8
+    bits that holds its codes (its `weight_bits` from deploy_int; 8 otherwise), with their scales
+    and bias; every other tensor as it is."""
     out = {}
     for name, t in model.state_dict().items():
         mod_name, _, leaf = name.rpartition(".")
         mod = model.get_submodule(mod_name) if mod_name else model
         if isinstance(mod, Int8Linear) and leaf == "weight_t":
-            bits = getattr(mod, "weight_bits", 8)
-            bits = bits if bits in (2, 4) else 8
+            b = getattr(mod, "weight_bits", 8)
+            bits = 2 if b <= 2 else 4 if b <= 4 else 8  # 3 bits stored in 4, 5 to 7 in 8
             out[name] = pack_codes(t, bits).cpu()
             out[name + ".bits_shape"] = torch.tensor([bits, *t.shape])
         else:
@@ -325,19 +344,22 @@ def pareto_front(
     table: pd.DataFrame,  # one row per model
     costs: tuple = ("size_bytes",),  # columns where lower is better
     gain: str = "acc",  # the column where higher is better
+    tol: float = 0.0,  # costs within this relative tolerance count as equal (timing noise)
 ) -> pd.Series:
     """True for the rows no other row dominates: none is at least as good in every column and
-    better in one."""
+    better in one, costs compared within a relative tolerance `tol`."""
     costs = (costs,) if isinstance(costs, str) else tuple(costs)
     missing = [c for c in (*costs, gain) if c not in table.columns]
     if missing:
         raise ValueError(f"the table has no column {missing}; its columns: {list(table.columns)}")
+    if not 0 <= tol < 1:
+        raise ValueError(f"tol is a relative tolerance from 0 to 1, got {tol}")
     c = table[list(costs)].to_numpy(dtype=float)
     g = table[gain].to_numpy(dtype=float)
     on = []
     for i in range(len(table)):
-        no_worse = (c <= c[i]).all(1) & (g >= g[i])
-        better = (c < c[i]).any(1) | (g > g[i])
+        no_worse = (c <= c[i] * (1 + tol)).all(1) & (g >= g[i])
+        better = (c < c[i] * (1 - tol)).any(1) | (g > g[i])
         on.append(not bool((no_worse & better).any()))
     return pd.Series(on, index=table.index, name="on_front")
 
@@ -361,6 +383,12 @@ def compress(
     (`deploy_int`). The teacher is not changed."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep is the fraction of hidden neurons kept: in (0, 1], got {keep}")
+    first = next((m for m in teacher.modules() if isinstance(m, nn.Linear)), None)
+    if first is None or X.ndim != 2 or X.shape[1] != first.in_features:
+        want = first.in_features if first is not None else "?"
+        raise ValueError(
+            f"X must be rows of the teacher's {want} input features, got shape {tuple(X.shape)}"
+        )
     student = prune_neurons(teacher, keep) if keep < 1 else copy.deepcopy(teacher)
     student = prepare_qat(student, bits)
     logits = None
@@ -410,10 +438,16 @@ def check_lsq(fn):
     """`fn(x, scale, qmin, qmax)` fake-quantises `x` with zero point 0 and a learnable scale (a
     1-element tensor that requires grad), as LSQ (Esser et al., 2020) does: the forward value of
     fake quantisation, the clipped straight-through gradient for x, and for the scale, per element,
-    round(x / s) - x / s inside the range, qmin below it and qmax above it."""
+    round(x / s) - x / s inside the range, qmin below it and qmax above it. (No input falls within
+    half a step outside the range, where "inside" could be read either way.)"""
     gen = torch.Generator().manual_seed(25)
     for n, s0, qmin, qmax in ((50, 0.3, -8, 7), (200, 0.05, -128, 127), (40, 1.0, -2, 1)):
-        x = (torch.randn(n, generator=gen) * 3 * s0 * qmax).requires_grad_()
+        x = torch.randn(n, generator=gen) * 3 * s0 * qmax
+        # clear of the half-step bands beyond qmin and qmax, where "inside" can mean round(x / s) or
+        # x / s in range: the two conventions (PyTorch's, the paper's) agree everywhere else
+        v = x / s0
+        x = torch.where((v >= qmax) & (v < qmax + 0.5), (qmax + 0.75) * s0, x)
+        x = torch.where((v <= qmin) & (v > qmin - 0.5), (qmin - 0.75) * s0, x).requires_grad_()
         s = torch.tensor([s0], requires_grad=True)
         w = torch.randn(n, generator=gen)  # a random upstream gradient
         out = fn(x, s, qmin, qmax)
