@@ -151,7 +151,7 @@ CATALOG: tuple[Entry, ...] = (
           pitfall='a high-water mark that never falls; forgetting to divide the loss by k.'),
     Entry(18, 'efficient', 'parallel', 'Parallel inference and caching', '如何提高深度学习模型的推理速度？',
           teaches='Intra-op threads, batch size latency/throughput trade-off, a dynamic batching queue with max-wait, several worker processes, an LRU cache keyed on input content with hit rate under skewed traffic.',
-          claims=(('ensembles-raise-inference-speed', 'ensembles raise inference speed'),),
+          claims=(('ensembles-raise-inference-speed', 'Combining several models raises inference speed: an ensemble of small models, or a cascade in which a small model answers the inputs it is sure of and a large one the rest, serves inputs faster than the fastest single model at least as accurate'),),
           reference='`functools.lru_cache(...).cache_info()`.',
           pitfall='processes x threads > cores; caching keyed on tensor identity.'),
     Entry(19, 'efficient', 'distill', 'Distillation and parameter sharing', '如何提高深度学习模型的可扩展性？',

@@ -781,3 +781,32 @@ def test_chapter25_refuses_bad_settings():
     assert isinstance(P.factorize_model(torch.nn.Linear(40, 40), 5), torch.nn.Sequential)
     assert _raises(P.try_compress, hidden=8) == (
         "ValueError", "hidden must be from 16 to 1024 and epochs from 1 to 100, got 8 and 10")
+
+
+def test_chapter18_refuses_bad_settings():
+    """Chapter 18's functions that take a learner's model, requests or settings: one line naming the problem and
+    the fix."""
+    import torch
+    from dlopt_labs.efficient import parallel as P
+    model = torch.nn.Linear(4, 2)
+    assert _raises(P.BatchingServer, model, 0) == ("ValueError", "max_batch must be an integer >= 1, got 0")
+    assert _raises(P.BatchingServer, model, 4, -1.0) == ("ValueError", "max_wait_ms must be from 0 to 1000 ms, got -1.0")
+    with P.BatchingServer(model, 4, 0.0) as srv:
+        srv.submit(torch.zeros(4)).result(timeout=10)
+        assert _raises(srv.submit, torch.zeros(1, 4)) == (
+            "ValueError", "every request must have the shape of the first, (4,); got (1, 4) (send one row per request, without a batch dimension)")
+        assert _raises(srv.submit, [0.0] * 4) == ("TypeError", "submit takes one input row as a tensor, got list")
+    assert _raises(srv.submit, torch.zeros(4)) == ("RuntimeError", "the server is closed; start a new BatchingServer")
+    assert _raises(P.offered_load, srv, torch.zeros(3, 4), 0.0) == ("ValueError", "rate and duration must be > 0, got 0.0 and 1.0")
+    assert _raises(P.capacity, lambda: srv, torch.zeros(3, 4), 25.0, factor=1.0) == (
+        "ValueError", "need slo_ms > 0, factor > 1 and 0 < start <= max_rate, got 25.0, 1.0, 250.0, 100000.0")
+    assert _raises(P.LRUCache, 0) == ("ValueError", "capacity must be an integer >= 1 (entries), got 0")
+    assert _raises(P.zipf_requests, 10, 5, -1.0) == ("ValueError", "need n_items >= 1, n_requests >= 1 and s >= 0, got 10, 5, -1.0")
+    assert _raises(P.content_key, [1, 2]) == ("TypeError", "content_key takes a tensor, got list")
+    assert _raises(P.Ensemble, [model]) == ("ValueError", "an ensemble needs at least 2 models, got 1")
+    assert _raises(P.Cascade, model, model, 1.5) == ("ValueError", "threshold is a probability: from 0 to 1, got 1.5")
+    assert _raises(P.batch_sweep, model, torch.zeros(4), [0]) == ("ValueError", "batches must be a list of integers >= 1, got [0]")
+    assert _raises(P.WorkerPool, torch.nn.ReLU(), 1) == (
+        "ValueError", "WorkerPool measures models whose first layer is an nn.Linear (rows of features)")
+    assert _raises(P.try_serving, rate=0.0) == (
+        "ValueError", "need rate from 1 to 50000 per second, duration from 0.05 to 5 s and hidden from 16 to 4096, got 0.0, 0.5 and 1024")

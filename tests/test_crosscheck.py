@@ -1868,3 +1868,108 @@ def test_deploy_int_refuses_a_layer_trained_with_other_input_bits():
     qat = P25.QATLinear(torch.nn.Linear(5, 3), bits=4, act_bits=4)
     with pytest.raises(ValueError, match="act_bits=4"):
         P25.deploy_int(torch.nn.Sequential(qat))
+
+
+# chapter 18: the LRU cache against functools.lru_cache, content keys, the batching server's answers ----------------
+
+from dlopt_labs.efficient import parallel as P18
+
+
+@pytest.mark.parametrize("capacity,seed", [(1, 0), (7, 1), (64, 2)])
+def test_lru_cache_counts_equal_functools_lru_cache(capacity, seed):
+    """On traffic the chapter does not replay (a mix of a hot set and a scan): hits, misses and the survivors equal
+    functools.lru_cache's cache_info() exactly."""
+    rng = np.random.default_rng(seed)
+    reqs = np.concatenate([rng.integers(0, 20, 500), np.arange(100, 400), rng.integers(0, 20, 500)]).tolist()
+    ours = P18.LRUCache(capacity)
+    ref = __import__("functools").lru_cache(maxsize=capacity)(lambda r: r * 2)
+    for r in reqs:
+        assert ours.get_or_compute(r, lambda: r * 2) == ref(r)
+    info = ref.cache_info()
+    assert (ours.hits, ours.misses, ours.info()["size"]) == (info.hits, info.misses, info.currsize)
+
+
+def test_zipf_requests_follow_their_law():
+    """Frequencies of the drawn ranks match 1 / k^s (chi-square-free check: the top item's share within 1 point,
+    and the top-10 share within 2 points of zipf_top_mass)."""
+    reqs = P18.zipf_requests(500, 200_000, 1.1, seed=4)
+    counts = np.sort(np.bincount(reqs, minlength=500))[::-1] / len(reqs)
+    assert abs(counts[0] - P18.zipf_top_mass(500, 1, 1.1)) < 0.01
+    assert abs(counts[:10].sum() - P18.zipf_top_mass(500, 10, 1.1)) < 0.02
+    flat = np.bincount(P18.zipf_requests(50, 100_000, 0.0, seed=5), minlength=50) / 100_000
+    assert flat.max() - flat.min() < 0.01
+
+
+def test_content_key_is_equal_exactly_for_equal_content():
+    x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    assert P18.content_key(x) == P18.content_key(x.clone()) == P18.content_key(x.t().contiguous().t())
+    assert P18.content_key(x) != P18.content_key(x.reshape(4, 3))          # same bytes, another shape
+    assert P18.content_key(x) != P18.content_key(x.double())               # same values, another dtype
+    y = x.clone(); y[2, 3] += 1e-6
+    assert P18.content_key(x) != P18.content_key(y)
+    assert P18.content_key(x.to(torch.bfloat16)) == P18.content_key(x.to(torch.bfloat16).clone())
+
+
+def test_batching_server_answers_each_request_with_its_own_row():
+    """A burst of requests is batched (fewer model calls than requests) and every answer equals model(row)."""
+    torch.manual_seed(18)
+    model = MLP(10, 3, hidden=(16,)).eval()
+    xs = torch.randn(50, 10)
+    with P18.BatchingServer(model, max_batch=16, max_wait_ms=50.0) as srv:
+        futs = [srv.submit(x) for x in xs]
+        outs = torch.stack([f.result(timeout=10) for f in futs])
+    with torch.no_grad():
+        torch.testing.assert_close(outs, model(xs), rtol=1e-5, atol=1e-6)
+    assert sum(srv.batch_sizes) == 50 and max(srv.batch_sizes) > 1 and max(srv.batch_sizes) <= 16
+    with P18.BatchingServer(model, max_batch=1, max_wait_ms=0.0) as one:
+        [f.result(timeout=10) for f in [one.submit(x) for x in xs[:5]]]
+    assert one.batch_sizes == [1] * 5
+
+
+def test_batching_server_keeps_serving_after_a_bad_batch():
+    class Fussy(nn.Module):
+        def __init__(self):
+            super().__init__(); self.lin = nn.Linear(4, 2)
+        def forward(self, x):
+            if (x > 100).any(): raise RuntimeError("bad input")
+            return self.lin(x)
+    with P18.BatchingServer(Fussy(), max_batch=4, max_wait_ms=0.0) as srv:
+        bad = srv.submit(torch.full((4,), 1000.0))
+        with pytest.raises(RuntimeError, match="bad input"):
+            bad.result(timeout=10)
+        assert srv.submit(torch.zeros(4)).result(timeout=10).shape == (2,)
+
+
+def test_ensemble_and_cascade_compute_what_they_say():
+    torch.manual_seed(181)
+    a, b = MLP(6, 4, hidden=(8,)).eval(), MLP(6, 4, hidden=(8,)).eval()
+    x = torch.randn(30, 6)
+    with torch.no_grad():
+        pa, pb = F.softmax(a(x), -1), F.softmax(b(x), -1)
+        torch.testing.assert_close(P18.Ensemble([a, b])(x), (pa + pb) / 2)
+        casc = P18.Cascade(a, b, threshold=0.5)
+        out = casc(x)
+        sure = pa.max(-1).values >= 0.5
+        torch.testing.assert_close(out[sure], pa[sure]); torch.testing.assert_close(out[~sure], pb[~sure])
+        assert casc.last_forwarded == pytest.approx(float((~sure).float().mean()))
+        assert torch.equal(P18.Cascade(a, b, 0.0)(x), pa)                    # threshold 0: the small one answers all
+
+
+def test_offered_load_counts_from_the_schedule_and_capacity_climbs():
+    """A server whose model sleeps 20 ms per call cannot answer 200 requests/s one by one: its p99 grows past the
+    service level, and capacity() stops there; with batching the same load passes."""
+    import time as _time
+    class Slow(nn.Module):
+        def __init__(self):
+            super().__init__(); self.w = nn.Parameter(torch.zeros(1))
+        def forward(self, x):
+            _time.sleep(0.02); return x
+    inputs = torch.zeros(8, 3)
+    with P18.BatchingServer(Slow(), 1, 0.0) as srv:
+        r = P18.offered_load(srv, inputs, 200.0, 0.5, seed=1)
+    assert r["answered"] == r["requests"] and r["p99_ms"] > 100
+    cap1, sweep1 = P18.capacity(lambda: P18.BatchingServer(Slow(), 1, 0.0), inputs, 60.0, start=10.0, factor=2.0,
+                                duration=0.3)
+    capb, _ = P18.capacity(lambda: P18.BatchingServer(Slow(), 64, 5.0), inputs, 60.0, start=10.0, factor=2.0,
+                           duration=0.3, max_rate=640.0)
+    assert 10 <= cap1 <= 40 and not sweep1.ok.iloc[-1] and capb >= 4 * cap1

@@ -1401,3 +1401,58 @@ def test_ch25_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
     }
     for name, wrong in wrongs.items():
         assert status(P25.check_bias_correction, wrong) == "failed", name
+
+
+# chapter 18, exercise 1: Che's approximation ------------------------------------------------------------------------
+
+from dlopt_labs.efficient import parallel as P18
+
+
+def test_ch18_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def by_bisection(p, c):                              # the characteristic time by plain bisection on a log scale
+        lo, hi = 1e-9, 1e12
+        for _ in range(200):
+            mid = (lo * hi) ** 0.5
+            lo, hi = (mid, hi) if np.sum(1 - np.exp(-p * mid)) < c else (lo, mid)
+        t = (lo * hi) ** 0.5
+        return float(np.sum(p * (1 - np.exp(-p * t))))
+    assert status(P18.check_che, by_bisection) == "passed"
+
+    def simulated(p, c):                                 # the chapter's LRU replayed: close, not Che's number
+        reqs = np.random.default_rng(0).choice(len(p), size=20000, p=p)
+        cache = P18.LRUCache(c)
+        for r in reqs.tolist(): cache.get_or_compute(r, lambda: None)
+        return cache.hits / len(reqs)
+    wrongs = {
+        "the chapter's LRU simulated": simulated,
+        "top-C share (a static cache)": lambda p, c: float(np.sort(p)[::-1][:c].sum()),
+        "unweighted mean of hit probabilities": lambda p, c: float(np.mean(1 - np.exp(-p * c / p.sum()))),
+        "T = C": lambda p, c: float(np.sum(p * (1 - np.exp(-p * c)))),
+    }
+    for name, wrong in wrongs.items():
+        assert status(P18.check_che, wrong) == "failed", name
+
+
+# chapter 18, exercise 2: one call per distinct row -------------------------------------------------------------------
+
+def test_ch18_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def by_dict(model, xs):                              # distinct rows by their bytes, in first-seen order
+        index, rows, back = {}, [], []
+        for x in xs:
+            k = x.numpy().tobytes()
+            if k not in index: index[k] = len(rows); rows.append(x)
+            back.append(index[k])
+        return model(torch.stack(rows))[torch.tensor(back)]
+    assert status(P18.check_dedupe, by_dict) == "passed"
+
+    def per_row_cache(model, xs):                        # the chapter's content-keyed cache: one call per distinct row
+        cached = P18.CachedModel(model, 1000)
+        return torch.stack([cached(x) for x in xs])
+    wrongs = {
+        "no deduplication": lambda model, xs: model(xs),
+        "the chapter's cache": per_row_cache,
+        "distinct rows, answers not scattered back": lambda model, xs: model(torch.unique(xs, dim=0)),
+        "sorted unique without the inverse": lambda model, xs: model(torch.unique(xs, dim=0))[:len(xs)],
+    }
+    for name, wrong in wrongs.items():
+        assert status(P18.check_dedupe, wrong) == "failed", name
