@@ -24,7 +24,7 @@ def main():
         for rep in range(3):
             single, _ = capacity(lambda: BatchingServer(model, 1, 0.0), inputs, 25.0, duration=1.0, seed=rep)
             batched, _ = capacity(lambda: BatchingServer(model, 64, 2.0), inputs, 25.0, duration=1.0, seed=rep)
-            ratios.append(batched / single)
+            ratios.append(batched / single if single else float("inf"))
             print(f"round {rep}: one by one {single:7.0f} req/s, dynamic batching {batched:7.0f} req/s, "
                   f"ratio {ratios[-1]:.2f}x")
     print(f"dynamic batching / one by one at p99 <= 25 ms: min {min(ratios):.2f}x, max {max(ratios):.2f}x; "

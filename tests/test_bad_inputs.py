@@ -794,12 +794,13 @@ def test_chapter18_refuses_bad_settings():
     with P.BatchingServer(model, 4, 0.0) as srv:
         srv.submit(torch.zeros(4)).result(timeout=10)
         assert _raises(srv.submit, torch.zeros(1, 4)) == (
-            "ValueError", "every request must have the shape of the first, (4,); got (1, 4) (send one row per request, without a batch dimension)")
+            "ValueError", "every request must have the shape, dtype and device of the first, ((4,), torch.float32, device(type='cpu')); "
+            "got ((1, 4), torch.float32, device(type='cpu')) (send one row per request, without a batch dimension)")
         assert _raises(srv.submit, [0.0] * 4) == ("TypeError", "submit takes one input row as a tensor, got list")
     assert _raises(srv.submit, torch.zeros(4)) == ("RuntimeError", "the server is closed; start a new BatchingServer")
     assert _raises(P.offered_load, srv, torch.zeros(3, 4), 0.0) == ("ValueError", "rate and duration must be > 0, got 0.0 and 1.0")
     assert _raises(P.capacity, lambda: srv, torch.zeros(3, 4), 25.0, factor=1.0) == (
-        "ValueError", "need slo_ms > 0, factor > 1 and 0 < start <= max_rate, got 25.0, 1.0, 250.0, 100000.0")
+        "ValueError", "need slo_ms > 0, factor > 1, 0 < start <= max_rate and refine >= 0, got 25.0, 1.0, 250.0, 100000.0, 2")
     assert _raises(P.LRUCache, 0) == ("ValueError", "capacity must be an integer >= 1 (entries), got 0")
     assert _raises(P.zipf_requests, 10, 5, -1.0) == ("ValueError", "need n_items >= 1, n_requests >= 1 and s >= 0, got 10, 5, -1.0")
     assert _raises(P.content_key, [1, 2]) == ("TypeError", "content_key takes a tensor, got list")

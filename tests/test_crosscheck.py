@@ -1956,8 +1956,10 @@ def test_ensemble_and_cascade_compute_what_they_say():
 
 
 def test_offered_load_counts_from_the_schedule_and_capacity_climbs():
-    """A server whose model sleeps 20 ms per call cannot answer 200 requests/s one by one: its p99 grows past the
-    service level, and capacity() stops there; with batching the same load passes."""
+    """A server whose model sleeps 20 ms per call cannot answer more than 50 requests/s one by one: at 200/s its
+    queue grows (latency from the schedule, not from sending); capacity() stops below the first grid rate it cannot
+    serve (80/s), and with batching the same service level holds at least 4x the rate. close() cancels what is still
+    queued and stops the thread."""
     import time as _time
     class Slow(nn.Module):
         def __init__(self):
@@ -1966,10 +1968,37 @@ def test_offered_load_counts_from_the_schedule_and_capacity_climbs():
             _time.sleep(0.02); return x
     inputs = torch.zeros(8, 3)
     with P18.BatchingServer(Slow(), 1, 0.0) as srv:
-        r = P18.offered_load(srv, inputs, 200.0, 0.5, seed=1)
-    assert r["answered"] == r["requests"] and r["p99_ms"] > 100
-    cap1, sweep1 = P18.capacity(lambda: P18.BatchingServer(Slow(), 1, 0.0), inputs, 60.0, start=10.0, factor=2.0,
-                                duration=0.3)
-    capb, _ = P18.capacity(lambda: P18.BatchingServer(Slow(), 64, 5.0), inputs, 60.0, start=10.0, factor=2.0,
-                           duration=0.3, max_rate=640.0)
-    assert 10 <= cap1 <= 40 and not sweep1.ok.iloc[-1] and capb >= 4 * cap1
+        r = P18.offered_load(srv, inputs, 200.0, 0.5, seed=1, timeout=0.2)
+    assert r["answered"] < r["requests"] and r["p99_ms"] == float("inf")        # the backlog never cleared
+    assert not srv._thread.is_alive()
+    cap1, sweep1 = P18.capacity(lambda: P18.BatchingServer(Slow(), 1, 0.0), inputs, 150.0, start=10.0, factor=2.0,
+                                duration=0.4, refine=0)
+    capb, _ = P18.capacity(lambda: P18.BatchingServer(Slow(), 64, 5.0), inputs, 150.0, start=10.0, factor=2.0,
+                           duration=0.4, max_rate=640.0, refine=0)
+    assert 10 <= cap1 < 80 and not sweep1.ok.iloc[-1] and capb >= 4 * cap1
+
+
+def test_cached_model_answers_like_the_model_and_counts_hits():
+    torch.manual_seed(182)
+    model = MLP(5, 3, hidden=(8,)).eval()
+    xs = torch.randn(6, 5)
+    cached = P18.CachedModel(model, 4)
+    reqs = [0, 1, 0, 2, 3, 4, 0, 5, 1]
+    outs = [cached(xs[i].clone()) for i in reqs]           # fresh tensors with repeated content
+    with torch.no_grad():
+        for i, o in zip(reqs, outs):
+            torch.testing.assert_close(o, model(xs[i:i + 1])[0])
+    ref = __import__("functools").lru_cache(maxsize=4)(lambda i: i)
+    for i in reqs: ref(i)
+    assert (cached.cache.hits, cached.cache.misses) == (ref.cache_info().hits, ref.cache_info().misses) == (2, 7)
+
+
+def test_worker_pool_runs_side_by_side_and_cleans_up():
+    """Two spawned workers, each a CPU copy of the model: two distinct processes answer, the rows per second are
+    positive and finite, and the pool's processes are gone after close."""
+    torch.manual_seed(183)
+    with P18.WorkerPool(MLP(16, 4, hidden=(32,)), 2) as pool:
+        r = pool.throughput(2, 1, calls=5, batch=8)
+        procs = list(pool._ex._processes.values())
+    assert r["distinct_workers"] == 2 and 0 < r["rows_per_s"] < float("inf")
+    assert all(not p.is_alive() for p in procs)
