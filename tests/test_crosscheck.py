@@ -1972,9 +1972,9 @@ def test_offered_load_counts_from_the_schedule_and_capacity_climbs():
     assert r["answered"] < r["requests"] and r["p99_ms"] == float("inf")        # the backlog never cleared
     assert not srv._thread.is_alive()
     cap1, sweep1 = P18.capacity(lambda: P18.BatchingServer(Slow(), 1, 0.0), inputs, 150.0, start=10.0, factor=2.0,
-                                duration=0.4, refine=0)
+                                duration=1.0, refine=0)        # at 80/s: ~80 calls of 20 ms in one second
     capb, _ = P18.capacity(lambda: P18.BatchingServer(Slow(), 64, 5.0), inputs, 150.0, start=10.0, factor=2.0,
-                           duration=0.4, max_rate=640.0, refine=0)
+                           duration=1.0, max_rate=320.0, refine=0)
     assert 10 <= cap1 < 80 and not sweep1.ok.iloc[-1] and capb >= 4 * cap1
 
 

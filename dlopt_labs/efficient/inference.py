@@ -212,9 +212,12 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(out_features))
 
     @classmethod
-    def from_float(cls, linear: nn.Linear) -> "Int8Linear":
-        "The int8 version of a trained `nn.Linear`, on its device."
-        if not isinstance(linear, nn.Linear):
+    def from_float(cls, linear: nn.Module, bits: int = 8) -> "Int8Linear":
+        """The int8 version of a trained `nn.Linear` (or a layer like it: a 2-D `weight`, a `bias`,
+        `in_features`, `out_features`), on its device; `bits` < 8 keeps codes of that width in the
+        int8 container (chapter 25)."""
+        w = getattr(linear, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.ndim != 2 or not hasattr(linear, "in_features"):
             raise TypeError(
                 f"Int8Linear.from_float takes an nn.Linear, got {type(linear).__name__}; "
                 "use quantize_dynamic_int8(model) to convert every Linear of a model"
@@ -223,13 +226,14 @@ class Int8Linear(nn.Module):
             raise ValueError(
                 "the layer's weights hold NaN or infinite values: fix the training first"
             )
-        codes, scale = quantize_rows(linear.weight.float())
+        codes, scale = quantize_rows(linear.weight.detach().float(), bits)
         q = cls(linear.in_features, linear.out_features, linear.bias is not None)
         q = q.to(linear.weight.device)
         q.weight_t.copy_(codes.t())
         q.weight_scale.copy_(scale.squeeze(1))
         if linear.bias is not None:
             q.bias.copy_(linear.bias.detach())
+        q.weight_bits = bits  # what the codes hold: chapter 25 packs them at this width
         return q
 
     def dequantized_weight(self) -> torch.Tensor:

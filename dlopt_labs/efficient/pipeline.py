@@ -259,15 +259,7 @@ def deploy_int(
         b = layer.bits if isinstance(layer, QATLinear) else bits
         if not isinstance(b, int) or not 2 <= b <= 8:
             raise ValueError(f"bits must be an integer from 2 to 8 for float layers, got {b!r}")
-        codes, scale = quantize_rows(layer.weight.detach().float(), b)
-        q = Int8Linear(layer.in_features, layer.out_features, layer.bias is not None)
-        q = q.to(layer.weight.device)
-        q.weight_t.copy_(codes.t())
-        q.weight_scale.copy_(scale.squeeze(1))
-        if layer.bias is not None:
-            q.bias.copy_(layer.bias.detach())
-        q.weight_bits = b
-        return q
+        return Int8Linear.from_float(layer, b)
 
     return _swap_linears(model, make, (nn.Linear, QATLinear)).eval()
 
@@ -409,16 +401,14 @@ def try_compress(
 ) -> pd.DataFrame:
     """An MLP 64-hidden-hidden-10 trained on digits, then compressed by `compress`: test accuracy,
     parameters and bytes on disk of both, and their ratios."""
-    from dlopt_labs.data import load, split
+    from dlopt_labs.data import load, split, tensors
 
     if not 16 <= hidden <= 1024 or epochs < 1 or epochs > 100:
         raise ValueError(
             f"hidden must be from 16 to 1024 and epochs from 1 to 100, got {hidden} and {epochs}"
         )
     d = split(load("digits"), seed=seed)
-    X = torch.as_tensor(d.X_train, dtype=torch.float32)
-    y = torch.as_tensor(d.y_train)
-    Xt, yt = torch.as_tensor(d.X_test, dtype=torch.float32), torch.as_tensor(d.y_test)
+    (X, y), (Xt, yt) = tensors(d.X_train, d.y_train), tensors(d.X_test, d.y_test)
     torch.manual_seed(seed)
     original = train_student(MLP(64, 10, hidden=(hidden, hidden)), X, y, epochs=20, seed=seed)
     small = compress(original, X, y, keep, bits, distil, epochs, seed=seed)
