@@ -811,3 +811,55 @@ def test_chapter18_refuses_bad_settings():
         "ValueError", "WorkerPool measures models whose first layer is an nn.Linear (rows of features)")
     assert _raises(P.try_serving, rate=0.0) == (
         "ValueError", "need rate from 1 to 50000 per second, duration from 0.05 to 5 s and hidden from 16 to 4096, got 0.0, 0.5 and 1024")
+
+
+def test_chapter28_refuses_bad_settings(tmp_path):
+    """Chapter 28's functions that take a learner's model, files, URLs or settings: one line naming the problem and
+    the fix, before any process starts."""
+    import numpy as np
+    import torch
+    from dlopt_labs.deploy import serve as P
+    from dlopt_labs.models import MLP
+    m = MLP(4, 2, hidden=(3,))
+    assert _raises(P.save_served, m, tmp_path / "m.pt", dict(in_features=4, n_classes=2)) == (
+        "ValueError", "arch must have exactly the keys ['hidden', 'in_features', 'n_classes'], got ['in_features', 'n_classes']")
+    assert _raises(P.save_served, m, tmp_path / "m.pt", dict(in_features=4, n_classes=2, hidden=(5,))) == (
+        "ValueError", "the model's weights do not fit MLP(**arch) with arch={'in_features': 4, 'n_classes': 2, 'hidden': [5]}: "
+        "pass the arguments the model was built with")
+    assert not (tmp_path / "m.pt").exists()                       # nothing half-written
+    missing = tmp_path / "none.pt"
+    assert _raises(P.load_served, missing) == (
+        "FileNotFoundError", f"no model file at {missing}: write one with save_served(model, path, arch)")
+    torch.save({"a": torch.zeros(1)}, tmp_path / "other.pt")
+    assert _raises(P.load_served, tmp_path / "other.pt") == (
+        "ValueError", f"{tmp_path / 'other.pt'} was not written by save_served: write it with save_served(...)")
+    assert _raises(P.make_app, m, 0) == ("ValueError", "in_features must be an integer >= 1, got 0")
+    assert _raises(P.make_app, m, 4, max_rows=0) == (
+        "ValueError", "need 1 <= max_rows <= 4096 and 256 <= max_body <= 2**30, got 0, 65536")
+    assert _raises(P.ServerProcess, missing) == (
+        "FileNotFoundError", f"no model file at {missing}: write one with save_served(model, path, arch)")
+    path = P.save_served(m, tmp_path / "m.pt", dict(in_features=4, n_classes=2, hidden=(3,)))
+    assert _raises(P.ServerProcess, path, workers=0) == ("ValueError", "need 1 <= workers <= 16 and 1 <= threads <= 64, got 0, 1")
+    assert _raises(P.ServerProcess, path, max_batch=0) == (
+        "ValueError", "need an integer max_batch >= 1 and 0 <= max_wait_ms <= 1000, got 0, 2.0")
+    url = "http://127.0.0.1:9"
+    assert _raises(P.open_loop, url, torch.zeros(3, 4), 0.0) == (
+        "ValueError", "need 0 < rate <= 1e5, 0 < duration <= 600 s and 1 <= connections <= 1024, got 0.0, 1.0, 64")
+    assert _raises(P.open_loop, url, torch.zeros(4), 10.0) == ("ValueError", "inputs must be a (rows, features) tensor, got (4,)")
+    assert _raises(P.closed_loop, url, [[0.0] * 4], 2) == ("ValueError", "inputs must be a (rows, features) tensor, got list")
+    assert _raises(P.closed_loop, url, torch.zeros(3, 4), clients=0) == (
+        "ValueError", "need 1 <= clients <= 1024 and 0 < duration <= 600 s, got 0, 10.0")
+    assert _raises(P.capacity, url, torch.zeros(3, 4), 50.0, factor=1.0) == (
+        "ValueError", "need slo_ms > 0, factor > 1, 0 < start <= max_rate and refine >= 0, got 50.0, 1.0, 100.0, 20000.0, 2")
+    assert _raises(P.replicas_needed, 100.0, 0.0, 5.0) == (
+        "ValueError", "target_rate, capacity_per_replica and mean_latency_ms must be > 0, got 100.0, 0.0, 5.0 "
+        "(a capacity of 0 means the SLO was never met)")
+    assert _raises(P.replicas_needed, 100.0, 10.0, 5.0, headroom=1.5) == ("ValueError", "headroom must be in (0, 1], got 1.5")
+    assert _raises(P.poisson_arrivals, 0.0, 1.0, np.random.default_rng(0)) == (
+        "ValueError", "rate and duration must be > 0, got 0.0 and 1.0")
+
+    def stall_backwards():
+        with P.stalls(1, every=0.1, pause=0.5): pass
+    assert _raises(stall_backwards) == ("ValueError", "need 0 < pause < every, got pause=0.5, every=0.1")
+    assert _raises(P.try_load, rate=0.0) == (
+        "ValueError", "need rate from 1 to 20000 per second, duration from 0.1 to 10 s and hidden from 16 to 4096, got 0.0, 1.0 and 1024")

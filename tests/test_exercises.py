@@ -1456,3 +1456,74 @@ def test_ch18_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
     }
     for name, wrong in wrongs.items():
         assert status(P18.check_dedupe, wrong) == "failed", name
+
+
+# chapter 28, exercise 1: the tail of an M/M/1 queue -------------------------------------------------------------------
+
+def test_ch28_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    from dlopt_labs.deploy import serve as S28
+
+    def by_inverting_the_cdf(lam, mu, q):               # solve 1 - exp(-(mu - lam) t) = q numerically
+        if not lam < mu: raise ValueError("unstable")
+        lo, hi = 0.0, 1.0
+        while 1 - math.exp(-(mu - lam) * hi) < q: hi *= 2
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if 1 - math.exp(-(mu - lam) * mid) < q else (lo, mid)
+        return (lo + hi) / 2
+    assert status(S28.check_mm1, by_inverting_the_cdf) == "passed"
+
+    def no_check(lam, mu, q): return -math.log(1 - q) / abs(mu - lam)
+    wrongs = {
+        "service time only (no queue)": lambda lam, mu, q: -math.log(1 - q) / mu,
+        "waiting time only, no service": lambda lam, mu, q: -math.log(1 - q) / (mu - lam) - 1 / mu,
+        "mean time in system, not its quantile": lambda lam, mu, q: 1 / (mu - lam),
+        "q instead of 1 - q": lambda lam, mu, q: -math.log(q) / (mu - lam),
+        "no ValueError when lam >= mu": no_check,
+        "Little's law (L / lam) at the knee": lambda lam, mu, q: S28.replicas_needed(lam, mu, 1.0)["in_flight"] / lam,
+    }
+    for name, wrong in wrongs.items():
+        assert status(S28.check_mm1, wrong) == "failed", name
+
+
+# chapter 28, exercise 2: a token bucket -----------------------------------------------------------------------------
+
+def test_ch28_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    from dlopt_labs.deploy import serve as S28
+
+    def by_theoretical_arrival_time(times, rate, burst):  # GCRA: the same bucket, kept as a virtual time
+        out, tat = [], -math.inf
+        period, tolerance = 1 / rate, (burst - 1) / rate
+        for t in times:
+            ok = t >= tat - tolerance - 1e-12
+            if ok: tat = max(tat, t) + period
+            out.append(ok)
+        return np.array(out)
+    assert status(S28.check_token_bucket, by_theoretical_arrival_time) == "passed"
+
+    def empty_start(times, rate, burst):                # the bucket starts empty
+        out, tokens, last = [], 0.0, times[0]
+        for t in times:
+            tokens = min(burst, tokens + (t - last) * rate); last = t
+            out.append(tokens >= 1)
+            tokens -= out[-1]
+        return np.array(out)
+
+    def no_cap(times, rate, burst):                     # tokens pile up without the burst limit
+        out, tokens, last = [], float(burst), times[0]
+        for t in times:
+            tokens += (t - last) * rate; last = t
+            out.append(tokens >= 1)
+            tokens -= out[-1]
+        return np.array(out)
+
+    def fixed_window(times, rate, burst):               # a per-second counter instead of a bucket
+        return np.array([np.sum((times >= math.floor(t)) & (times <= t)) <= rate for t in times])
+    wrongs = {
+        "admit everything": lambda times, rate, burst: np.ones(len(times), bool),
+        "bucket starts empty": empty_start,
+        "no burst cap": no_cap,
+        "fixed one-second window": fixed_window,
+    }
+    for name, wrong in wrongs.items():
+        assert status(S28.check_token_bucket, wrong) == "failed", name
