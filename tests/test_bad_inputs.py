@@ -842,6 +842,9 @@ def test_chapter28_refuses_bad_settings(tmp_path):
     assert _raises(P.ServerProcess, path, workers=0) == ("ValueError", "need 1 <= workers <= 16 and 1 <= threads <= 64, got 0, 1")
     assert _raises(P.ServerProcess, path, max_batch=0) == (
         "ValueError", "need an integer max_batch >= 1 and 0 <= max_wait_ms <= 1000, got 0, 2.0")
+    assert _raises(P.ServerProcess, path, max_body=10) == (
+        "ValueError", "need 1 <= max_rows <= 4096 and 256 <= max_body <= 2**30, got 64, 10")
+    assert _raises(P.ServerProcess(path).ready) == ("RuntimeError", "start() the server first")
     url = "http://127.0.0.1:9"
     assert _raises(P.open_loop, url, torch.zeros(3, 4), 0.0) == (
         "ValueError", "need 0 < rate <= 1e5, 0 < duration <= 600 s and 1 <= connections <= 1024, got 0.0, 1.0, 64")
