@@ -484,8 +484,8 @@ class ServerProcess:
             if time.monotonic() > deadline:  # checked after an attempt: a late ready() still tries
                 n = len(self.worker_pids())
                 raise TimeoutError(
-                    f"{n} of {self.workers} server processes were ready within {self.start_timeout} s:\n"
-                    + self.log()[-2000:]
+                    f"{n} of {self.workers} server processes were ready within "
+                    f"{self.start_timeout} s:\n" + self.log()[-2000:]
                 )
             time.sleep(0.05)
 
