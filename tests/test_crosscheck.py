@@ -2238,3 +2238,18 @@ def test_no_nagle_delay_at_low_load(served28):
             t = _t.perf_counter(); c.post(srv.url + "/predict", json=body, headers={"Authorization": f"Bearer {_TOKEN}"})
             ts.append(_t.perf_counter() - t)
     assert np.median(ts) < 0.02, np.median(ts)
+
+
+@pytest.mark.timeout(60)
+def test_serve_in_thread_answers_like_the_model_and_stops(served28):
+    """The widget's in-thread server: same app, same answers as the model in this process; gone after the block."""
+    import httpx
+    model, _, _ = served28
+    x = torch.randn(3, 20)
+    with S28.serve_in_thread(S28.make_app(model, 20, max_batch=4, max_wait_ms=1.0)) as url:
+        r = httpx.post(url + "/predict", json={"inputs": x.tolist()}, timeout=10)
+    assert r.status_code == 200
+    with torch.no_grad():
+        torch.testing.assert_close(torch.tensor(r.json()["outputs"]), model(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/health", timeout=2)

@@ -34,9 +34,8 @@ from ..lab import exercise
 from ..models import MLP
 
 # %% auto #0
-__all__ = ['save_served', 'load_served', 'parse_rows', 'make_app', 'main', 'ServerProcess', 'poisson_arrivals', 'open_loop',
-           'closed_loop', 'capacity', 'replicas_needed', 'stalls', 'serve_in_thread', 'try_load', 'check_mm1',
-           'check_token_bucket']
+__all__ = ['save_served', 'load_served', 'make_app', 'main', 'ServerProcess', 'poisson_arrivals', 'open_loop', 'closed_loop',
+           'capacity', 'replicas_needed', 'stalls', 'serve_in_thread', 'try_load', 'check_mm1', 'check_token_bucket']
 
 # %% ../../nbs/deploy/28_serve.ipynb #65c7ea34
 _ARCH_KEYS = {"in_features", "n_classes", "hidden"}
@@ -91,7 +90,7 @@ class _BadRequest(Exception):
         self.status, self.message = status, message
 
 
-def parse_rows(payload, in_features: int, max_rows: int) -> torch.Tensor:
+def _parse_rows(payload, in_features: int, max_rows: int) -> torch.Tensor:
     """The request body's rows as a float32 tensor (rows, in_features), or `_BadRequest` (422)
     naming what is wrong. Accepts {"inputs": [[number, ...], ...]} with 1 to max_rows rows."""
     if not isinstance(payload, dict) or "inputs" not in payload:
@@ -190,7 +189,7 @@ def make_app(
                 RecursionError,
             ) as e:  # bad JSON, bad UTF-8, a 5000-digit number, deep nesting
                 raise _BadRequest(400, f"body is not valid JSON ({str(e)[:200]})") from None
-            x = parse_rows(payload, in_features, max_rows)
+            x = _parse_rows(payload, in_features, max_rows)
         except _BadRequest as e:
             counts["rejected"] += 1
             return JSONResponse({"error": e.message}, status_code=e.status)
