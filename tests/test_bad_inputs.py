@@ -866,3 +866,39 @@ def test_chapter28_refuses_bad_settings(tmp_path):
     assert _raises(stall_backwards) == ("ValueError", "need 0 < pause < every, got pause=0.5, every=0.1")
     assert _raises(P.try_load, rate=0.0) == (
         "ValueError", "need rate from 1 to 20000 per second, duration from 0.1 to 10 s and hidden from 16 to 4096, got 0.0, 1.0 and 1024")
+
+
+def test_chapter08_refuses_bad_settings(tmp_path):
+    """Chapter 08's functions that take a learner's model, folders or settings: one line naming the problem and the
+    fix; nothing half-written."""
+    import torch
+    from dlopt_labs.deploy import package as P
+    from dlopt_labs.models import MLP
+    m, arch, x = MLP(4, 2, hidden=(3,)), dict(in_features=4, n_classes=2, hidden=(3,)), torch.randn(3, 4)
+    fmts = "('eager', 'torch.export', 'onnx', 'torchscript')"
+    assert _raises(P.package, m, x, tmp_path / "a", "n", "1.0.0", dict(in_features=4, n_classes=2)) == (
+        "ValueError", "arch must have exactly the keys hidden, in_features, n_classes; got ['in_features', 'n_classes']")
+    assert _raises(P.package, m, x, tmp_path / "a", "n", "1.0.0", arch, formats=("onnx",)) == (
+        "ValueError", f"formats must include 'eager' (the weights) and come from {fmts}; got ('onnx',)")
+    assert _raises(P.package, m, torch.randn(3, 5), tmp_path / "a", "n", "1.0.0", arch) == (
+        "ValueError", "example must be a (batch, 4) tensor, got (3, 5)")
+    assert _raises(P.package, m, x, tmp_path / "a", "n", "1.0.0", arch, key=b"short") == (
+        "ValueError", "key must be at least 16 random bytes, e.g. secrets.token_bytes(32)")
+    assert _raises(P.package, m, x, tmp_path / "a", "n", "1.0", arch) == (
+        "ValueError", "version must be major.minor.patch (semantic versioning), e.g. '1.0.0'; got '1.0'")
+    assert _raises(P.package, MLP(4, 2, hidden=(5,)), x, tmp_path / "a", "n", "1.0.0", arch) == (
+        "ValueError", "the model's weights do not fit MLP(**arch) with arch={'in_features': 4, 'n_classes': 2, "
+        "'hidden': (3,)}: pass the arguments it was built with")
+    assert list(tmp_path.iterdir()) == []                        # nothing written by a refused call
+    assert _raises(P.verify, tmp_path) == (
+        "ArtifactError", f"{tmp_path} has no manifest.json: it is not an artifact written by package()")
+    f = P.package(m, x, tmp_path / "a", "n", "1.0.0", arch, formats=("eager",))
+    assert _raises(P.load, f, "tflite") == ("ValueError", f"fmt must be one of {fmts}, got 'tflite'")
+    assert _raises(P.load, f, "onnx") == ("ArtifactError", "this artifact has no onnx file; it has ['eager']")
+    assert _raises(P.cold_start, f, "eager", calls=0) == ("ValueError", "need 1 <= calls <= 100000 and 1 <= threads <= 64, got 0, 1")
+    assert _raises(P.placement, 0.0, [1], 100) == (
+        "ValueError", "need compute_ms > 0, uplink_mbps > 0, edge_slowdown > 0 and payload_bytes >= 0, got 0.0, 10.0, 10.0, 100")
+    assert _raises(P.try_package, hidden=2) == ("ValueError", "need hidden from 8 to 4096 and batch from 1 to 1024, got 2 and 1")
+    (f / "manifest.json").write_text("{oops")
+    name, msg = _raises(P.verify, f)
+    assert name == "ArtifactError" and msg.endswith("the artifact is damaged") and "is not valid JSON" in msg

@@ -2253,3 +2253,125 @@ def test_serve_in_thread_answers_like_the_model_and_stops(served28):
         torch.testing.assert_close(torch.tensor(r.json()["outputs"]), model(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health", timeout=2)
+
+
+# chapter 08: ONNX Runtime / torch.export / TorchScript against eager, hashlib and hmac, weights_only --------------
+
+from dlopt_labs.deploy import package as P08
+
+
+@pytest.fixture(scope="module")
+def artifact08(tmp_path_factory):
+    """A model the chapter does not use (20 inputs, hidden 31 and 17, 4 classes), packaged in every format, signed."""
+    torch.manual_seed(81)
+    arch = dict(in_features=20, n_classes=4, hidden=(31, 17))
+    model = MLP(**arch).eval()
+    key = b"k" * 32
+    folder = P08.package(model, torch.randn(5, 20), tmp_path_factory.mktemp("ch08") / "a", "t", "0.1.0", arch,
+                         formats=P08.FORMATS, key=key)
+    return model, folder, key
+
+
+@pytest.mark.timeout(300)
+def test_every_format_equals_eager_within_1e_5(artifact08):
+    """ONNX Runtime, torch.export and TorchScript against the eager model at batch sizes the chapter does not use:
+    largest difference within 1e-5 of the largest output, same predicted classes."""
+    model, folder, _ = artifact08
+    x = torch.randn(50, 20)
+    table = P08.compare_formats(folder, x, batches=(1, 3, 50))
+    assert set(table.format) == set(P08.FORMATS) and (table.error == "").all()
+    assert (table.rel_diff <= 1e-5).all() and (table.same_argmax == 1.0).all()
+    with torch.no_grad():
+        for fmt in P08.FORMATS:
+            torch.testing.assert_close(P08.load(folder, fmt)(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_checksums_are_hashlib_and_the_signature_is_hmac(artifact08, tmp_path):
+    """sha256_file (read in chunks) equals hashlib on the whole file; the signature equals hmac.new over the
+    manifest without it (sorted keys); any flipped byte of any file is reported for that file; a manifest whose
+    checksum was updated after a change passes without the key and fails with it, and with another key."""
+    import hashlib, hmac, json, shutil
+    _, folder, key = artifact08
+    for f in (folder / "model.onnx", folder / "weights.pt"):
+        assert P08.sha256_file(f, chunk=7) == hashlib.sha256(f.read_bytes()).hexdigest()
+    man = json.loads((folder / "manifest.json").read_text())
+    body = json.dumps({k: v for k, v in man.items() if k != "signature"}, sort_keys=True).encode()
+    assert man["signature"] == hmac.new(key, body, hashlib.sha256).hexdigest()
+    assert P08.verify(folder) == [] and P08.verify(folder, key) == []
+    assert P08.verify(folder, b"x" * 32) == ["manifest.json: signature does not match (edited, or signed with another key)"]
+    for fname in man["files"]:
+        dst = tmp_path / fname.replace(".", "_")
+        shutil.copytree(folder, dst)
+        raw = bytearray((dst / fname).read_bytes()); raw[len(raw) // 3] ^= 0x80
+        (dst / fname).write_bytes(bytes(raw))
+        problems = P08.verify(dst)
+        assert len(problems) == 1 and problems[0].startswith(fname), problems
+        with pytest.raises(P08.ArtifactError, match="refusing to load"):
+            P08.load(dst, man["files"][fname]["format"])
+    dst = tmp_path / "resigned"
+    shutil.copytree(folder, dst)
+    (dst / "model.ts").write_bytes(b"not a model")
+    m2 = dict(man); m2["files"] = dict(man["files"], **{"model.ts": dict(man["files"]["model.ts"], bytes=11,
+                                                                          sha256=hashlib.sha256(b"not a model").hexdigest())})
+    (dst / "manifest.json").write_text(json.dumps(m2))
+    assert P08.verify(dst) == [] and P08.verify(dst, key) != []
+
+
+def test_weights_only_refuses_a_pickle_that_would_run_code(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (__import__("pathlib").Path.touch, (marker,))
+    torch.save({"w": torch.zeros(1), "p": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl|global"):
+        torch.load(tmp_path / "evil.pt", weights_only=True)
+    assert not marker.exists()
+
+
+@pytest.mark.timeout(300)
+def test_a_fixed_batch_export_serves_only_its_batch_and_a_dynamic_one_serves_all(artifact08, tmp_path):
+    model, _, _ = artifact08
+    arch = dict(in_features=20, n_classes=4, hidden=(31, 17))
+    fixed = P08.package(model, torch.randn(6, 20), tmp_path / "fixed", "t", "0.1.1", arch,
+                        formats=("eager", "torch.export", "onnx"), dynamic_batch=False)
+    assert P08.manifest_of(fixed)["inputs"]["shape"] == [6, 20]
+    table = P08.compare_formats(fixed, torch.randn(9, 20), batches=(2, 6, 9), fmts=("torch.export", "onnx"))
+    ok = table[table.error == ""]
+    assert set(ok.batch) == {6} and len(table) - len(ok) == 4
+
+
+def test_package_is_atomic_when_an_export_fails(artifact08, tmp_path, monkeypatch):
+    """An export that fails half-way leaves the old artifact as it was and no partial folder beside it."""
+    model, _, _ = artifact08
+    arch = dict(in_features=20, n_classes=4, hidden=(31, 17))
+    folder = P08.package(model, torch.randn(4, 20), tmp_path / "a", "t", "1.0.0", arch, formats=("eager",))
+    before = sorted(p.name for p in folder.iterdir())
+
+    def boom(*a, **k): raise RuntimeError("export failed")
+    monkeypatch.setattr(P08, "export_onnx", boom)
+    with pytest.raises(RuntimeError, match="export failed"):
+        P08.package(model, torch.randn(4, 20), folder, "t", "2.0.0", arch, formats=("eager", "onnx"))
+    assert sorted(p.name for p in folder.iterdir()) == before and P08.manifest_of(folder)["version"] == "1.0.0"
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]
+
+
+@pytest.mark.timeout(300)
+def test_an_onnx_replica_starts_without_torch_and_an_eager_one_with_it(artifact08):
+    _, folder, _ = artifact08
+    onnx = P08.cold_start(folder, "onnx", calls=20)
+    eager = P08.cold_start(folder, "eager", calls=20)
+    assert onnx["torch_imported"] is False and eager["torch_imported"] is True
+    for r in (onnx, eager):
+        assert 0 < r["interpreter_s"] < r["to_first_answer_s"] <= r["process_s"] + 1e-6
+        assert r["steady_p50_ms"] > 0 and r["peak_rss_mb"] > 0
+    assert onnx["import_s"] < eager["import_s"]             # torch's import is the heavy one
+
+
+def test_footprint_and_placement_arithmetic():
+    torch_mb, names = P08.footprint("torch")
+    ort_mb, _ = P08.footprint("onnxruntime")
+    assert "torch" in names and torch_mb > ort_mb > 0 and P08.footprint("no-such-dist-xyz") == (0, [])
+    t = P08.placement(2.0, [1.0, 30.0], payload_bytes=1250, uplink_mbps=10.0, edge_slowdown=8.0)
+    assert t.loc[1.0, "cloud_ms"] == pytest.approx(1 + 1.0 + 2.0) and t.loc[1.0, "edge_ms"] == 16.0
+    assert list(t.faster) == ["cloud", "edge"] and t.attrs["crossover_rtt_ms"] == pytest.approx(2 * 7 - 1.0)

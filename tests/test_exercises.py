@@ -1527,3 +1527,94 @@ def test_ch28_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
     }
     for name, wrong in wrongs.items():
         assert status(S28.check_token_bucket, wrong) == "failed", name
+
+
+# chapter 08, exercise 1: static shapes ------------------------------------------------------------------------------
+
+def test_ch08_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    import torch.nn.functional as _F
+    from dlopt_labs.deploy import package as P08
+
+    def by_plan(programs, x):                            # plan every piece first, pad with F.pad
+        sizes, big = sorted(programs), max(programs)
+        pieces = list(torch.split(x, big))
+        outs = []
+        for p in pieces:
+            b = min(s for s in sizes if s >= len(p))
+            outs.append(programs[b](_F.pad(p, (0, 0, 0, b - len(p))))[: len(p)])
+        return torch.cat(outs)
+    assert status(P08.check_buckets, by_plan) == "passed"
+
+    def always_largest(programs, x):
+        big = max(programs)
+        return torch.cat([programs[big](torch.cat([p, p.new_zeros(big - len(p), p.shape[1])]))[: len(p)]
+                          for p in torch.split(x, big)])
+
+    def padding_kept(programs, x):
+        sizes = sorted(programs)
+        return torch.cat([programs[min(s for s in sizes if s >= len(p))](
+            torch.cat([p, p.new_zeros(min(s for s in sizes if s >= len(p)) - len(p), p.shape[1])]))
+            for p in torch.split(x, max(programs))])
+
+    def pad_by_repeating(programs, x):                   # pads with copies of the last row: answers fine, calls fine
+        sizes = sorted(programs)
+        outs = []
+        for p in torch.split(x, max(programs)):
+            b = min(s for s in sizes if s >= len(p))
+            outs.append(programs[b](torch.cat([p, p[-1:].repeat(b - len(p), 1)]))[: len(p)])
+        return torch.cat(outs)
+    assert status(P08.check_buckets, pad_by_repeating) == "passed"      # also correct: any padding is cut off
+    wrongs = {
+        "always the largest program": always_largest,
+        "padding left on the answer": padding_kept,
+        "no chunking (the model called directly)": lambda programs, x: programs[max(programs)](x),
+    }
+    for name, wrong in wrongs.items():
+        assert status(P08.check_buckets, wrong) == "failed", name
+
+
+# chapter 08, exercise 2: may the new version replace the old? -----------------------------------------------------
+
+def test_ch08_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    from dlopt_labs.deploy import package as P08
+
+    def by_tuples(old, new):                             # compares interfaces as tuples, versions with map(int)
+        vo, vn = [list(map(int, m["version"].split("."))) for m in (old, new)]
+        out = [] if vn > vo else ["version must increase"]
+        def iface(m, fixed_ok):
+            return [(s["dtype"], tuple(s["shape"][1:])) for s in (m["inputs"], m["outputs"])]
+        changed = iface(old, 0) != iface(new, 0) or any(
+            o["shape"][0] == "batch" and n["shape"][0] != "batch"
+            for o, n in ((old["inputs"], new["inputs"]), (old["outputs"], new["outputs"])))
+        if changed and vn[0] <= vo[0]:
+            out.append("interface changed without a new major version")
+        return out
+    assert status(P08.check_compatible, by_tuples) == "passed"
+
+    def string_versions(old, new):
+        r = [] if new["version"] > old["version"] else ["older"]
+        if old["inputs"] != new["inputs"] or old["outputs"] != new["outputs"]:
+            if new["version"].split(".")[0] <= old["version"].split(".")[0]: r.append("breaking")
+        return r
+
+    def any_shape_change_breaks(old, new):               # freeing a fixed batch is refused too
+        r = by_tuples(old, new)
+        if old["inputs"]["shape"] != new["inputs"]["shape"] and int(new["version"][0]) <= int(old["version"][0]):
+            r.append("shape changed")
+        return r
+
+    def ignores_batch(old, new):
+        o = {**old, "inputs": {**old["inputs"], "shape": ["batch"] + old["inputs"]["shape"][1:]},
+             "outputs": {**old["outputs"], "shape": ["batch"] + old["outputs"]["shape"][1:]}}
+        n = {**new, "inputs": {**new["inputs"], "shape": ["batch"] + new["inputs"]["shape"][1:]},
+             "outputs": {**new["outputs"], "shape": ["batch"] + new["outputs"]["shape"][1:]}}
+        return by_tuples(o, n)
+    wrongs = {
+        "versions compared as strings": string_versions,
+        "a freed batch counted as breaking": any_shape_change_breaks,
+        "batch dimension ignored": ignores_batch,
+        "only the version checked": lambda old, new: by_tuples({**old, "inputs": new["inputs"], "outputs": new["outputs"]}, new),
+        "always safe": lambda old, new: [],
+    }
+    for name, wrong in wrongs.items():
+        assert status(P08.check_compatible, wrong) == "failed", name
