@@ -117,7 +117,8 @@ def package(
     parts = version.split(".") if isinstance(version, str) else []
     if len(parts) != 3 or not all(p.isdigit() for p in parts):
         raise ValueError(
-            f"version must be major.minor.patch (semantic versioning), e.g. '1.0.0'; got {version!r}"
+            "version must be major.minor.patch (semantic versioning), e.g. '1.0.0'; "
+            f"got {version!r}"
         )
     m = MLP(arch["in_features"], arch["n_classes"], hidden=tuple(arch["hidden"]))
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
