@@ -2369,9 +2369,80 @@ def test_an_onnx_replica_starts_without_torch_and_an_eager_one_with_it(artifact0
 
 
 def test_footprint_and_placement_arithmetic():
-    torch_mb, names = P08.footprint("torch")
-    ort_mb, _ = P08.footprint("onnxruntime")
-    assert "torch" in names and torch_mb > ort_mb > 0 and P08.footprint("no-such-dist-xyz") == (0, [])
+    """footprint: the distribution's own files (importlib.metadata) are a lower bound, torch's closure is larger than
+    onnxruntime's; placement: the sums by hand, the crossover and the break-even slowdown."""
+    import importlib.metadata as md
+    torch_b, names = P08.footprint("torch")
+    ort_b, ort_names = P08.footprint("onnxruntime")
+    own = sum((f.size or 0) for f in md.distribution("onnxruntime").files)
+    assert "torch" in names and "numpy" in ort_names and torch_b > ort_b >= own > 0
+    with pytest.raises(ValueError, match="is not installed here"):
+        P08.footprint("no-such-dist-xyz")
     t = P08.placement(2.0, [1.0, 30.0], payload_bytes=1250, uplink_mbps=10.0, edge_slowdown=8.0)
     assert t.loc[1.0, "cloud_ms"] == pytest.approx(1 + 1.0 + 2.0) and t.loc[1.0, "edge_ms"] == 16.0
     assert list(t.faster) == ["cloud", "edge"] and t.attrs["crossover_rtt_ms"] == pytest.approx(2 * 7 - 1.0)
+    assert t.loc[1.0, "break_even_slowdown"] == pytest.approx(1 + 2.0 / 2.0)
+
+
+def test_signed_manifests_survive_json_and_malformed_ones_are_refused(tmp_path):
+    """Metrics with integer keys (per-class accuracy) still verify under the key (the signature covers the JSON as
+    written); numpy numbers are refused before any export; manifests with a bad file list or a path in a file name
+    are ArtifactErrors, not tracebacks."""
+    import json
+    import numpy as _np
+    arch = dict(in_features=3, n_classes=2, hidden=(4,))
+    m = MLP(**arch)
+    key = b"s" * 16
+    f = P08.package(m, torch.randn(2, 3), tmp_path / "a", "t", "1.0.0", arch, metrics={2: 0.9, 10: 0.8},
+                    formats=("eager",), key=key)
+    assert P08.verify(f, key) == [] and P08.manifest_of(f)["metrics"] == {"2": 0.9, "10": 0.8}
+    with pytest.raises(ValueError, match="metrics must be plain JSON"):
+        P08.package(m, torch.randn(2, 3), tmp_path / "b", "t", "1.0.0", arch, metrics={"acc": _np.float32(0.5)})
+    assert not (tmp_path / "b").exists()
+    man = json.loads((f / "manifest.json").read_text())
+    for files in ({"weights.pt": {"sha256": "x"}}, {"../weights.pt": man["files"]["weights.pt"]}, None):
+        (f / "manifest.json").write_text(json.dumps(dict(man, files=files)))
+        with pytest.raises(P08.ArtifactError, match="no valid file list"):
+            P08.verify(f)
+    (f / "manifest.json").write_text(json.dumps(dict(man, signature=123)))
+    assert P08.verify(f, key) == ["manifest.json: not signed, and a signature was required"]
+
+
+def test_a_one_row_example_fixes_a_batch_of_one(tmp_path):
+    arch = dict(in_features=3, n_classes=2, hidden=(4,))
+    f = P08.package(MLP(**arch), torch.randn(1, 3), tmp_path / "a", "t", "1.0.0", arch,
+                    formats=("eager", "torch.export"), dynamic_batch=False)
+    assert P08.manifest_of(f)["inputs"]["shape"] == [1, 3]
+    t = P08.compare_formats(f, torch.randn(2, 3), batches=(1, 2), fmts=("torch.export",))
+    assert list(t.error == "") == [True, False]
+
+
+def test_the_container_s_server_serves_the_artifact_and_refuses_an_altered_one(artifact08, tmp_path):
+    """serve_onnx.py from container_files, run in process with Starlette's TestClient on a copy of the artifact laid
+    out as in the image: answers equal the model's; a row of the wrong width is a 422; an altered model.onnx stops it
+    from starting."""
+    import importlib.util, shutil, sys as _sys
+    from starlette.testclient import TestClient
+    model, folder, _ = artifact08
+    files = P08.container_files(folder)
+    assert "onnxruntime==" in files["Dockerfile"] and "USER model" in files["Dockerfile"]
+
+    def start(root):
+        (root / "serve_onnx.py").write_text(files["serve_onnx.py"])
+        spec = importlib.util.spec_from_file_location(f"serve_onnx_{root.name}", root / "serve_onnx.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    good = tmp_path / "good"; shutil.copytree(folder, good / "artifact")
+    x = torch.randn(4, 20)
+    with TestClient(start(good).app) as c:
+        r = c.post("/predict", json={"inputs": x.tolist()})
+        assert r.status_code == 200 and c.post("/predict", json={"inputs": [[0.0] * 19]}).status_code == 422
+        assert c.get("/health").json()["version"] == "0.1.0"
+    with torch.no_grad():
+        torch.testing.assert_close(torch.tensor(r.json()["outputs"]), model(x), atol=1e-5, rtol=1e-5)
+    bad = tmp_path / "bad"; shutil.copytree(folder, bad / "artifact")
+    raw = bytearray((bad / "artifact" / "model.onnx").read_bytes()); raw[100] ^= 1
+    (bad / "artifact" / "model.onnx").write_bytes(bytes(raw))
+    with pytest.raises(SystemExit, match="does not match its manifest"):
+        start(bad)

@@ -1584,7 +1584,7 @@ def test_ch08_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
         def iface(m, fixed_ok):
             return [(s["dtype"], tuple(s["shape"][1:])) for s in (m["inputs"], m["outputs"])]
         changed = iface(old, 0) != iface(new, 0) or any(
-            o["shape"][0] == "batch" and n["shape"][0] != "batch"
+            o["shape"][0] != n["shape"][0] and n["shape"][0] != "batch"
             for o, n in ((old["inputs"], new["inputs"]), (old["outputs"], new["outputs"])))
         if changed and vn[0] <= vo[0]:
             out.append("interface changed without a new major version")
@@ -1609,7 +1609,12 @@ def test_ch08_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
         n = {**new, "inputs": {**new["inputs"], "shape": ["batch"] + new["inputs"]["shape"][1:]},
              "outputs": {**new["outputs"], "shape": ["batch"] + new["outputs"]["shape"][1:]}}
         return by_tuples(o, n)
+    def major_minor_only(old, new):                     # a patch release refused
+        r = by_tuples(old, new)
+        if new["version"].split(".")[:2] == old["version"].split(".")[:2]: r.append("same major.minor")
+        return r
     wrongs = {
+        "patch releases refused": major_minor_only,
         "versions compared as strings": string_versions,
         "a freed batch counted as breaking": any_shape_change_breaks,
         "batch dimension ignored": ignores_batch,

@@ -371,12 +371,12 @@ def quantize_onnx(
 
 
 class OrtModel:
-    """An ONNX file run by ONNX Runtime's CPU provider, called like a module: tensors in, tensors
-    out (on the input's device)."""
+    """An ONNX file (or its bytes, already read and checked) run by ONNX Runtime's CPU provider,
+    called like a module: tensors in, tensors out (on the input's device)."""
 
     def __init__(
         self,
-        path,  # the .onnx file
+        path,  # the .onnx file, or its content as bytes
         n_threads: int | None = None,  # intra-op threads (None: torch's current count)
     ):
         import onnxruntime as ort
@@ -385,18 +385,22 @@ class OrtModel:
             raise ValueError(
                 f"n_threads must be an integer >= 1 or None (torch's count), got {n_threads!r}"
             )
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ValueError(
-                f"no ONNX file at {str(self.path)!r}; write one with export_onnx(model, x, path)"
-            )
+        if isinstance(path, (bytes, bytearray)):  # a model read once and checked by the caller
+            self.path, source = Path("<bytes>"), bytes(path)
+        else:
+            self.path = source = Path(path)
+            if not self.path.is_file():
+                raise ValueError(
+                    f"no ONNX file at {str(self.path)!r}; write one with export_onnx(model, x, path)"
+                )
+            source = str(source)
         so = ort.SessionOptions()
         so.intra_op_num_threads = int(n_threads or torch.get_num_threads())
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         # idle threads sleep instead of spinning, so they do not slow what runs between calls
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
