@@ -246,11 +246,9 @@ def manifest_of(folder: str | Path) -> dict:
     return m
 
 
-def _check(
-    folder: Path, m: dict, key: bytes | None, only: str | None = None
-) -> tuple[list[str], dict]:
-    """Problems, and the bytes read of each file checked: the signature first (with a key), then
-    each file's size and SHA-256 (or only the file `only`), each file read exactly once."""
+def _check(folder: Path, m: dict, key: bytes | None) -> tuple[list[str], dict]:
+    """Problems, and the bytes read of each intact file: the signature first (with a key), then
+    each file's size and SHA-256, each file read exactly once."""
     problems, data = [], {}
     if key is not None:
         sig = m.get("signature")
@@ -261,8 +259,6 @@ def _check(
                 "manifest.json: signature does not match (edited, or signed with another key)"
             )
     for fname, info in m["files"].items():
-        if only is not None and fname != only:
-            continue
         p = folder / fname
         if not p.is_file():
             problems.append(f"{fname}: missing")
@@ -293,9 +289,10 @@ def load(
     threads: int | None = None,  # ONNX Runtime's intra-op threads (None: torch's count)
 ):
     """Load one format as a callable (tensor in, tensor out), from bytes read once and checked:
-    the manifest is read once and its signature checked (with a key), the file is read once, its
-    size and SHA-256 checked, and only those bytes are deserialised, so nothing can be swapped
-    between the check and the load. The weights load with `weights_only=True`."""
+    the manifest is read once and its signature checked (with a key), every file is read once and
+    its size and SHA-256 checked (one damaged file refuses the whole artifact), and only the bytes
+    checked are deserialised, so nothing can be swapped between the check and the load. The
+    weights load with `weights_only=True`."""
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     folder = Path(folder)
@@ -304,7 +301,7 @@ def load(
     if fname not in m["files"]:
         have = [v.get("format") for v in m["files"].values()]
         raise ArtifactError(f"this artifact has no {fmt} file; it has {have}")
-    problems, data = _check(folder, m, key, only=fname)
+    problems, data = _check(folder, m, key)  # every file: a damaged artifact is refused whole
     if problems:
         raise ArtifactError(f"refusing to load {folder}: " + "; ".join(problems))
     raw = io.BytesIO(data[fname])
