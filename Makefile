@@ -34,7 +34,7 @@ system-deps:  ## Debian's Chromium and a CJK font (browser tests), bubblewrap (t
 browser-deps: system-deps
 
 test: setup system-deps  ## the whole test suite (also fails when notebooks and library are out of sync)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -q --durations=25
 
 run: setup  ## run one chapter: make run CH=15 [MODE=smoke]
 	$(BIN)/dlopt-labs run $(CH) --mode $(or $(MODE),full)

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from ..core import atomic_path
-from ..efficient.parallel import BatchingServer
+from ..efficient.parallel import BatchingServer, search_knee
 from ..lab import exercise
 from ..models import MLP
 
@@ -769,12 +769,13 @@ def capacity(
 ) -> tuple[float, pd.DataFrame]:
     """The knee: the highest offered rate the server sustains, meaning every request answered,
     p99 <= slo_ms and no queue left one SLO after the arrivals end. Rates climb from `start` by
-    `factor`, then `refine` bisection steps. A rate fails after two failed runs (one stall is not
-    a verdict); a run whose sender fell behind its schedule (p99 lateness over a fifth of the SLO)
-    measured the client, not the server, and is repeated, three runs at most. Returns (that rate,
-    every run); the runs' `attrs["limited_by"]` says what ended the search: "server", "client"
-    (the generator could not deliver the load: the knee is a lower bound), "max_rate" (never
-    failed: a lower bound too) or "start" (the first rate failed: the knee is below it, 0)."""
+    `factor`, then `refine` bisection steps (chapter 18's `search_knee`). A rate fails after two
+    failed runs (one stall is not a verdict); a run whose sender fell behind its schedule (p99
+    lateness over a fifth of the SLO) measured the client, not the server, and is repeated, three
+    runs at most. Returns (that rate, every run); the runs' `attrs["limited_by"]` says what ended
+    the search: "server", "client" (the generator could not deliver the load: the knee is a lower
+    bound), "max_rate" (never failed: a lower bound too) or "start" (the first rate failed: the
+    knee is below it, 0)."""
     if not slo_ms > 0 or not factor > 1 or not 0 < start <= max_rate or refine < 0:
         raise ValueError(
             f"need slo_ms > 0, factor > 1, 0 < start <= max_rate and refine >= 0, got {slo_ms}, "
@@ -800,26 +801,7 @@ def capacity(
                 return "fail"
         return "fail" if failed else "late"
 
-    best, rate, limited_by, failed_at = 0.0, float(start), "max_rate", None
-    while rate <= max_rate:
-        outcome = passes(rate)
-        if outcome != "ok":
-            limited_by = "server" if outcome == "fail" else "client"
-            failed_at = rate
-            break
-        best, rate = rate, rate * factor
-    if best == 0.0 and limited_by == "server":
-        limited_by = "start"
-    if limited_by == "server":
-        lo, hi = best, failed_at
-        for _ in range(refine):
-            mid = (lo * hi) ** 0.5
-            outcome = passes(mid)
-            if outcome == "late":
-                limited_by = "client"
-                break
-            lo, hi = (mid, hi) if outcome == "ok" else (lo, mid)
-        best = lo
+    best, limited_by = search_knee(passes, start, factor, max_rate, refine)  # chapter 18's climb
     runs = pd.DataFrame(rows)
     runs.attrs["limited_by"] = limited_by
     return best, runs

@@ -391,7 +391,8 @@ class OrtModel:
             self.path = source = Path(path)
             if not self.path.is_file():
                 raise ValueError(
-                    f"no ONNX file at {str(self.path)!r}; write one with export_onnx(model, x, path)"
+                    f"no ONNX file at {str(self.path)!r}; "
+                    "write one with export_onnx(model, x, path)"
                 )
             source = str(source)
         so = ort.SessionOptions()

@@ -24,9 +24,9 @@ from torch import nn
 from ..lab import exercise
 
 # %% auto #0
-__all__ = ['cores', 'batch_sweep', 'BatchingServer', 'offered_load', 'capacity', 'WorkerPool', 'content_key', 'LRUCache',
-           'CachedModel', 'zipf_requests', 'zipf_top_mass', 'Ensemble', 'Cascade', 'try_serving', 'check_che',
-           'check_dedupe']
+__all__ = ['cores', 'batch_sweep', 'BatchingServer', 'offered_load', 'search_knee', 'capacity', 'WorkerPool', 'content_key',
+           'LRUCache', 'CachedModel', 'zipf_requests', 'zipf_top_mass', 'Ensemble', 'Cascade', 'try_serving',
+           'check_che', 'check_dedupe']
 
 # %% ../../nbs/efficient/18_parallel.ipynb #0f7e51b3
 def cores() -> int:
@@ -225,6 +225,38 @@ def offered_load(
     )
 
 
+def search_knee(
+    outcome,  # outcome(rate): "ok", "fail" (the server could not), "late" (the client could not)
+    start: float,  # first rate tried
+    factor: float,  # each next rate is this many times the last
+    max_rate: float,  # stop climbing here
+    refine: int,  # bisection steps between the last rate passed and the first failed
+) -> tuple[float, str]:
+    """Climb from `start` by `factor` while `outcome` says "ok", then `refine` bisection steps
+    (geometric midpoints) between the last rate passed and the first failed. Returns the highest
+    rate passed (0 if none) and what ended the search: "server", "client" (a lower bound),
+    "max_rate" (a lower bound) or "start" (the first rate failed)."""
+    best, rate, limited_by, failed_at = 0.0, float(start), "max_rate", None
+    while rate <= max_rate:
+        o = outcome(rate)
+        if o != "ok":
+            limited_by, failed_at = ("server" if o == "fail" else "client"), rate
+            break
+        best, rate = rate, rate * factor
+    if best == 0.0 and limited_by == "server":
+        return 0.0, "start"
+    if limited_by == "server":
+        lo, hi = best, failed_at
+        for _ in range(refine):
+            mid = (lo * hi) ** 0.5
+            o = outcome(mid)
+            if o == "late":
+                return lo, "client"
+            lo, hi = (mid, hi) if o == "ok" else (lo, mid)
+        best = lo
+    return best, limited_by
+
+
 def capacity(
     make_server,  # a call with no arguments returning a fresh server
     inputs: torch.Tensor,  # input rows the requests draw from
@@ -265,21 +297,7 @@ def capacity(
                 return True
         return False
 
-    best, rate, failed = 0.0, float(start), None
-    while rate <= max_rate:
-        if not passes(rate):
-            failed = rate
-            break
-        best, rate = rate, rate * factor
-    if failed is not None and best > 0:
-        lo, hi = best, failed
-        for _ in range(refine):
-            mid = (lo * hi) ** 0.5
-            if passes(mid):
-                lo = mid
-            else:
-                hi = mid
-        best = lo
+    best, _ = search_knee(lambda r: "ok" if passes(r) else "fail", start, factor, max_rate, refine)
     return best, pd.DataFrame(rows)
 
 # %% ../../nbs/efficient/18_parallel.ipynb #5b18adcd
