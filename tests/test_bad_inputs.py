@@ -902,3 +902,39 @@ def test_chapter08_refuses_bad_settings(tmp_path):
     (f / "manifest.json").write_text("{oops")
     name, msg = _raises(P.verify, f)
     assert name == "ArtifactError" and msg.endswith("the artifact is damaged") and "is not valid JSON" in msg
+
+
+def test_ch20_monitor_refuses_bad_input():
+    import torch
+    from dlopt_labs.deploy import monitor as P
+    from dlopt_labs.models import MLP
+    assert _raises(P.ks_2samp, torch.randn(10, 3), torch.randn(10, 4)) == (
+        "ValueError", "ref has 3 features and live has 4: compare the same features")
+    assert _raises(P.ks_2samp, torch.randn(10), torch.tensor([1.0, float("nan")])) == (
+        "ValueError", "live has NaN or infinite values: count them as a separate signal and drop them before testing "
+        "the distribution")
+    assert _raises(P.ks_2samp, torch.randn(2, 8, 8), torch.randn(3, 8, 8)) == (
+        "ValueError", "ref must have shape (rows,) or (rows, features) with at least one row, got (2, 8, 8): flatten "
+        "images to one row each")
+    assert _raises(P.ks_2samp, "abc", [1.0]) == ("TypeError", "ref must be numbers (a tensor or an array), got str")
+    assert _raises(P.holm, [0.1], alpha=0) == ("ValueError", "alpha must be between 0 and 1, got 0: 0.05 is the usual choice")
+    assert _raises(P.psi, torch.randn(10, 2), torch.randn(10, 2)) == (
+        "ValueError", "psi compares one score: pass 1-D ref and live (e.g. the confidence)")
+    assert _raises(P.shift_inputs, torch.rand(3, 64), "blur", 0.1, torch.Generator()) == (
+        "ValueError", "unknown shift 'blur': choose one of none, noise, dim, translate, occlude, prior, relabel")
+    assert _raises(P.shift_inputs, torch.rand(3, 63), "translate", 0.5, torch.Generator()) == (
+        "ValueError", "translate moves pixels of 8x8 images: x must have shape (rows, 64), got (3, 63)")
+    m = MLP(64, 10, hidden=(8,))
+    assert _raises(P.simulate, m, torch.rand(50, 64), torch.zeros(50, dtype=torch.long), window=30) == (
+        "ValueError", "the pool has 50 rows; a reference and a live window need 60")
+    name, msg = _raises(P.monitor, m, torch.rand(20, 63), torch.rand(20, 63))
+    assert name == "ValueError" and msg.startswith("the model cannot take a window of shape (20, 63) (")
+    assert msg.endswith("): pass the rows the model was trained on, one per request")
+    assert _raises(P.canary, m, m, torch.rand(50, 64), torch.zeros(50, dtype=torch.long), share=0) == (
+        "ValueError", "share must be between 0 and 1, got 0: e.g. 0.05 for 5% of traffic")
+    assert _raises(P.simulate_traffic, {"healthy": 0.1}) == (
+        "ValueError", "p_slow needs 'healthy' and 'incident' shares in [0, 1], got {'healthy': 0.1}")
+    assert _raises(P.try_monitor, "blur") == (
+        "ValueError", "unknown shift 'blur': choose one of none, noise, dim, translate, occlude, prior, relabel")
+    assert _raises(P.draw_window, torch.zeros(10, dtype=torch.long), 5, "prior", 1.0, torch.Generator(), hard=(3,)) == (
+        "ValueError", "no row of the pool has a class in hard=(3,)")

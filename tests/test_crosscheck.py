@@ -2447,3 +2447,146 @@ def test_the_container_s_server_serves_the_artifact_and_refuses_an_altered_one(a
     (bad / "artifact" / "model.onnx").write_bytes(bytes(raw))
     with pytest.raises(SystemExit, match="does not match its manifest"):
         start(bad)
+
+
+# chapter 20: scipy.stats.ks_2samp (statistic and exact p-value), Holm by closed testing, the monitor's level --------
+from itertools import combinations
+from scipy import stats as scipy_stats
+from dlopt_labs.deploy import monitor as M20
+
+
+@pytest.mark.parametrize("n,m", [(100, 100), (37, 37), (200, 200), (30, 45), (12, 40), (90, 150)])
+def test_ks_2samp_equals_scipy_exact(n, m):
+    """Statistics equal SciPy's exactly; p-values within 1e-12 (relative) for equal sizes (closed form) and 1e-8
+    for unequal ones (lattice paths, 1 - inside loses digits for tiny p), on normal and exponential samples with
+    and without ties, column by column; cases where SciPy itself falls back to its asymptotic formula are skipped."""
+    import warnings
+    rng = np.random.default_rng(n * 1000 + m)
+    a = np.stack([rng.normal(0, 1, n), rng.exponential(1, n), np.round(rng.normal(0, 2, n))], 1)
+    b = np.stack([rng.normal(0.4, 1, m), rng.exponential(1.3, m), np.round(rng.normal(0.5, 2, m))], 1)
+    d, p = M20.ks_2samp(torch.tensor(a), b)
+    tol = 1e-12 if n == m else 1e-8
+    checked = 0
+    for j in range(a.shape[1]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            try:
+                ref = scipy_stats.ks_2samp(a[:, j], b[:, j], method="exact")
+            except RuntimeWarning:
+                continue
+        assert d[j] == ref.statistic
+        assert p[j] == pytest.approx(ref.pvalue, rel=tol, abs=0)
+        checked += 1
+    assert checked >= 2
+
+
+def test_ks_2samp_large_unequal_windows_use_kolmogorovs_limit_close_to_scipys():
+    """Past 1e6 pairs the p-value is Kolmogorov's limit with Stephens' correction: within 0.01 of SciPy's exact."""
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0, 1, 1500), rng.normal(0.05, 1, 900)
+    d, p = M20.ks_2samp(a, b)
+    ref = scipy_stats.ks_2samp(a, b, method="exact")
+    assert d[0] == pytest.approx(ref.statistic, abs=1e-15) and abs(p[0] - ref.pvalue) < 0.01
+
+
+def test_holm_equals_closed_testing_with_bonferroni():
+    """Holm's step-down equals its definition as a closed test: reject H_i iff every subset S containing i has
+    min p over S <= alpha / |S| (checked on 300 random families of 1 to 6 p-values, ties included)."""
+    rng = np.random.default_rng(20)
+    for t in range(300):
+        k = int(rng.integers(1, 7))
+        p = np.round(rng.random(k) ** 3, 3)
+        alpha = float(rng.choice([0.01, 0.05, 0.1]))
+        want = [all(min(p[list(S)]) <= alpha / len(S) for r in range(1, k + 1)
+                    for S in combinations(range(k), r) if i in S) for i in range(k)]
+        assert M20.holm(p, alpha).tolist() == want, (p, alpha)
+
+
+def test_mmd_matches_its_definition_and_keeps_its_level():
+    """The squared MMD equals the double sum written out (Gaussian kernel, median bandwidth); over 300 windows of
+    breast-cancer rows (30 standardised features, data the chapter does not use) with no shift, the permutation
+    test at 0.05 alarms within the binomial 99% range, and a shift of 0.5 sd on every feature is seen every time."""
+    from sklearn.datasets import load_breast_cancer
+    x = torch.tensor(load_breast_cancer().data)
+    x = (x - x.mean(0)) / x.std(0)
+    a, b = x[:15], x[15:27]
+    both = torch.cat([a, b])
+    d2 = torch.cdist(both, both) ** 2
+    bw = d2[~torch.eye(27, dtype=torch.bool)].median()
+    k = lambda u, v: torch.exp(-((u - v) ** 2).sum() / bw)
+    by_hand = (sum(k(u, v) for u in a for v in a) / 225 + sum(k(u, v) for u in b for v in b) / 144
+               - 2 * sum(k(u, v) for u in a for v in b) / 180)
+    assert M20.mmd_test(a, b, 10)[0] == pytest.approx(float(by_hand), rel=1e-10)
+    gen = torch.Generator().manual_seed(0)
+    alarms = 0
+    for w in range(300):
+        idx = torch.randperm(len(x), generator=gen)[:80]
+        alarms += M20.mmd_test(x[idx[:40]], x[idx[40:]], 100, seed=w)[1] <= 0.05
+    lo, hi = scipy_stats.binom.ppf([0.005, 0.995], 300, 0.05)
+    assert lo <= alarms <= hi, alarms
+    seen = sum(M20.mmd_test(x[idx[:40]], x[idx[40:]] + 0.5, 100, seed=w)[1] <= 0.05 for w in range(20))
+    assert seen == 20
+
+
+def test_monitor_false_alarms_stay_at_alpha_and_uncorrected_tests_do_not():
+    """A random MLP on standardised breast-cancer rows (continuous features, no ties), 400 no-shift windows of 40:
+    the monitor's false-alarm rate is at most the binomial 99% upper quantile around alpha, the uncorrected
+    per-feature KS alarm is above it; with 0.5 sd added to every feature the monitor alarms in >= 90% of windows."""
+    from sklearn.datasets import load_breast_cancer
+    x = torch.tensor(load_breast_cancer().data, dtype=torch.float32)
+    x = (x - x.mean(0)) / x.std(0)
+    y = torch.zeros(len(x), dtype=torch.long)
+    torch.manual_seed(0)
+    model = MLP(30, 3, hidden=(16,)).eval()
+    null = M20.simulate(model, x, y, "none", 0.0, window=40, windows=400, permutations=60, seed=3)
+    hi = scipy_stats.binom.ppf(0.995, 400, 0.05)
+    assert null.alarm.sum() <= hi < null.uncorrected_alarm.sum()
+    rows = []
+    for w in range(20):
+        g = torch.Generator().manual_seed(w)
+        idx = torch.randperm(len(x), generator=g)[:80]
+        rows.append(M20.monitor(model, x[idx[:40]], x[idx[40:]] + 0.5, permutations=60, seed=w)["alarm"])
+    assert sum(rows) >= 18
+
+
+def test_psi_against_its_formula():
+    """PSI of a window equal to the reference is 0; all live values in the top decile of a uniform reference
+    give sum over bins (q - p) ln(q / p) with p = 0.1, q = 1 in the top bin and eps elsewhere."""
+    ref = torch.arange(1000, dtype=torch.float64)
+    assert M20.psi(ref, ref) == pytest.approx(0.0, abs=1e-12)
+    live = torch.full((50,), 995.0)
+    eps = 1e-4
+    want = 9 * (eps - 0.1) * math.log(eps / 0.1) + (1 - 0.1) * math.log(1 / 0.1)
+    assert M20.psi(ref, live) == pytest.approx(want, rel=1e-9)
+
+
+def test_burn_rate_alert_starts_when_both_windows_reach_the_rate():
+    """One hour-long episode at 20% slow requests (burn rate 20 against a 1% budget) after a clean day: the
+    1 h / 5 min rule at 14.4 pages from the minute the hour's share reaches 14.4%: 44 minutes in (0.2 m / 60 >=
+    0.144 at m = 43.2), and stops in the minute after the episode (the 5-minute window needs 3.6 of its minutes in
+    the episode: the last is 1,500, the episode's last minute being 1,499)."""
+    t = pd.DataFrame(dict(total=np.full(3000, 1000), slow=np.zeros(3000, int)))
+    t.loc[1440:1499, "slow"] = 200
+    on = M20.episodes(M20.burn_alerts(t, 0.99, ((60, 5, 14.4),)))
+    assert on == [(1440 + 43, 1500 - (1440 + 43) + 1)]
+
+
+def test_canary_rolls_back_a_model_that_errs_more_and_rarely_a_redeploy():
+    """Logistic regression on breast cancer as the baseline: a candidate with its logits flipped is rolled back at
+    the first look; 40 A/A rollouts of the baseline itself end in at most 4 rollbacks (alpha 0.05, 99% range)."""
+    from sklearn.datasets import load_breast_cancer
+    d = load_breast_cancer()
+    x = torch.tensor((d.data - d.data.mean(0)) / d.data.std(0), dtype=torch.float32)
+    y = torch.tensor(d.target)
+    torch.manual_seed(0)
+    base = nn.Linear(30, 2)
+    opt = torch.optim.Adam(base.parameters(), 0.05)
+    for _ in range(200):
+        opt.zero_grad(); F.cross_entropy(base(x), y).backward(); opt.step()
+    bad = copy.deepcopy(base)
+    with torch.no_grad():
+        bad.weight.neg_(); bad.bias.neg_()
+    out = M20.canary(base, bad, x, y, share=0.1, step=50, looks=5, seed=1)
+    assert out["decision"] == "rolled back" and out["look"] == 1
+    decisions = [M20.canary(base, base, x, y, share=0.1, step=50, looks=5, seed=s)["decision"] for s in range(40)]
+    assert decisions.count("rolled back") <= scipy_stats.binom.ppf(0.99, 40, 0.05)

@@ -1623,3 +1623,79 @@ def test_ch08_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
     }
     for name, wrong in wrongs.items():
         assert status(P08.check_compatible, wrong) == "failed", name
+
+
+# chapter 20, exercises 1 and 2: CUSUM, the chi-square test on predicted classes -----------------------------------
+from dlopt_labs.deploy import monitor as P20
+
+
+def test_ch20_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def vectorised(x, target, k, h):                     # correct too: the running sum clipped at zero, in numpy
+        s = 0.0
+        for t, v in enumerate(np.asarray(x, dtype=float) - target - k):
+            s = max(0.0, s + v)
+            if s > h: return t
+        return None
+    assert status(P20.check_cusum, vectorised) == "passed"
+
+    def one_based(x, target, k, h):
+        t = vectorised(x, target, k, h)
+        return None if t is None else t + 1
+
+    def no_floor(x, target, k, h):                       # the sum may go negative: late shifts are found late
+        s = 0.0
+        for t, v in enumerate(x):
+            s += v - target - k
+            if s > h: return t
+        return None
+
+    def at_or_above(x, target, k, h):
+        s = 0.0
+        for t, v in enumerate(x):
+            s = max(0.0, s + v - target - k)
+            if s >= h: return t
+        return None
+
+    def slack_ignored(x, target, k, h): return vectorised(x, target, 0.0, h)
+    def minus_one(x, target, k, h):
+        t = vectorised(x, target, k, h)
+        return -1 if t is None else t
+    for name, wrong in dict(one_based=one_based, no_floor=no_floor, slack_ignored=slack_ignored,
+                            minus_one=minus_one).items():
+        assert status(P20.check_cusum, wrong) == "failed", name
+    # >= instead of > differs only on exact equality, which the check's third case builds (4.5 - 0 - 0.5 = 4.0 = h)
+    assert status(P20.check_cusum, at_or_above) == "failed"
+
+
+def test_ch20_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    from scipy.stats import chi2, chi2_contingency
+
+    def with_scipy_after_dropping(ref, live, n_classes):   # correct: scipy on the table without empty columns
+        t = np.stack([np.bincount(ref.numpy(), minlength=n_classes), np.bincount(live.numpy(), minlength=n_classes)])
+        r = chi2_contingency(t[:, t.sum(0) > 0], correction=False)
+        return r.statistic, r.pvalue
+    assert status(P20.check_class_shift, with_scipy_after_dropping) == "passed"
+
+    def scipy_on_full_table(ref, live, n_classes):      # refused by scipy when a class is in neither window
+        t = np.stack([np.bincount(ref.numpy(), minlength=n_classes), np.bincount(live.numpy(), minlength=n_classes)])
+        r = chi2_contingency(t, correction=False)
+        return r.statistic, r.pvalue
+
+    def all_classes_in_dof(ref, live, n_classes):
+        stat, _ = with_scipy_after_dropping(ref, live, n_classes)
+        return stat, float(chi2.sf(stat, n_classes - 1))
+
+    def g_test(ref, live, n_classes):
+        t = np.stack([np.bincount(ref.numpy(), minlength=n_classes), np.bincount(live.numpy(), minlength=n_classes)])
+        r = chi2_contingency(t[:, t.sum(0) > 0], correction=False, lambda_="log-likelihood")
+        return r.statistic, r.pvalue
+
+    def live_against_ref_shares(ref, live, n_classes):   # a goodness-of-fit test: the reference taken as exact
+        rc, lc = np.bincount(ref.numpy(), minlength=n_classes), np.bincount(live.numpy(), minlength=n_classes)
+        keep = rc > 0
+        exp = rc[keep] / rc.sum() * lc.sum()
+        stat = float(((lc[keep] - exp) ** 2 / exp).sum())
+        return stat, float(chi2.sf(stat, keep.sum() - 1))
+    for name, wrong in dict(scipy_on_full_table=scipy_on_full_table, all_classes_in_dof=all_classes_in_dof,
+                            g_test=g_test, live_against_ref_shares=live_against_ref_shares).items():
+        assert status(P20.check_class_shift, wrong) == "failed", name

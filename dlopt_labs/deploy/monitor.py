@@ -25,7 +25,13 @@ def confidence(model: nn.Module, x: torch.Tensor) -> torch.return_types.max:
     softmax probability (`.values`), in float64: near 1 the probability itself rounds to ties,
     its log does not, and a rank test such as KS gives the same statistic on either."""
     dev = next(model.parameters()).device
-    logits = model(x.to(dev, torch.float32)).double().cpu()
+    try:
+        logits = model(x.to(dev, torch.float32)).double().cpu()
+    except RuntimeError as e:
+        raise ValueError(
+            f"the model cannot take a window of shape {tuple(x.shape)} ({e}): pass the rows the "
+            "model was trained on, one per request"
+        ) from e
     return torch.log_softmax(logits, -1).max(-1)
 
 # %% ../../nbs/deploy/20_monitor.ipynb #e293d0e6
@@ -253,6 +259,10 @@ def shift_inputs(
         raise ValueError(f"unknown shift {kind!r}: choose one of {', '.join(SHIFTS)}")
     if not 0 <= severity <= 1:
         raise ValueError(f"severity must be between 0 and 1, got {severity}")
+    if kind in ("translate", "occlude") and (x.ndim != 2 or x.shape[1] != 64):
+        raise ValueError(
+            f"{kind} moves pixels of 8x8 images: x must have shape (rows, 64), got {tuple(x.shape)}"
+        )
     x = x.clone()
     if kind == "noise":
         x = (x + severity * torch.randn(x.shape, generator=gen, dtype=x.dtype)).clamp(0, 1)
