@@ -932,6 +932,10 @@ def test_ch20_monitor_refuses_bad_input():
     assert msg.endswith("): pass the rows the model was trained on, one per request")
     assert _raises(P.canary, m, m, torch.rand(50, 64), torch.zeros(50, dtype=torch.long), share=0) == (
         "ValueError", "share must be between 0 and 1, got 0: e.g. 0.05 for 5% of traffic")
+    assert _raises(P.monitor, m, torch.rand(20, 64), torch.rand(20, 64), permutations=50) == (
+        "ValueError", "with 50 permutations the MMD p-value is never below alpha / 3 = 0.01667: use at least 59 permutations")
+    assert _raises(P.canary, m, m, torch.rand(50, 64), torch.zeros(49, dtype=torch.long)) == (
+        "ValueError", "x has 50 rows and y has 49: pass matching inputs and labels")
     assert _raises(P.simulate_traffic, {"healthy": 0.1}) == (
         "ValueError", "p_slow needs 'healthy' and 'incident' shares in [0, 1], got {'healthy': 0.1}")
     assert _raises(P.try_monitor, "blur") == (

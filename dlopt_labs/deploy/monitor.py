@@ -161,8 +161,10 @@ def psi(
     a, b = _window(ref, "ref"), _window(live, "live")
     if a.shape[1] != 1 or b.shape[1] != 1:
         raise ValueError("psi compares one score: pass 1-D ref and live (e.g. the confidence)")
-    if not 2 <= bins <= len(a):
-        raise ValueError(f"need 2 <= bins <= rows of ref ({len(a)}), got {bins}")
+    if not 2 <= bins <= len(a) or not 0 < eps < 1 / bins:
+        raise ValueError(
+            f"need 2 <= bins <= rows of ref ({len(a)}) and 0 < eps < 1 / bins, got {bins} and {eps}"
+        )
     a, b = a[:, 0].numpy(), b[:, 0].numpy()
     edges = np.unique(np.quantile(a, np.linspace(0, 1, bins + 1)[1:-1]))
     pa = np.bincount(np.searchsorted(edges, a, side="right"), minlength=len(edges) + 1) / len(a)
@@ -178,9 +180,10 @@ def mmd_test(
     seed: int = 0,  # seed of the permutations
 ) -> tuple[float, float]:
     """Kernel two-sample test: the squared maximum mean discrepancy (biased estimate, Gaussian
-    kernel whose bandwidth is the median pairwise distance of the pooled rows) and its
-    permutation p-value (1 + #{permuted >= observed}) / (1 + permutations). The bandwidth does not
-    depend on which rows are which, so the test keeps its level exactly."""
+    kernel exp(-|u - v|^2 / m) with m the median squared distance between the pooled rows) and its
+    permutation p-value (1 + #{permuted >= observed}) / (1 + permutations). m does not depend on
+    which rows are which, so under no shift P(p <= a) <= a for every a: the test is valid, and
+    exact when a (1 + permutations) is a whole number."""
     a, b = _window(ref, "ref"), _window(live, "live")
     if a.shape[1] != b.shape[1]:
         raise ValueError(
@@ -219,6 +222,11 @@ def monitor(
     alarm: KS on the inputs with no correction, and the PSI of the confidence."""
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be between 0 and 1, got {alpha}: 0.05 is the usual choice")
+    if (permutations + 1) * alpha / 3 < 1:
+        raise ValueError(
+            f"with {permutations} permutations the MMD p-value is never below alpha / 3 = "
+            f"{alpha / 3:.4g}: use at least {math.ceil(3 / alpha) - 1} permutations"
+        )
     a, b = _window(ref_x, "ref_x"), _window(live_x, "live_x")
     _, p_in = ks_2samp(a, b)
     ca, cb = confidence(model, a).values, confidence(model, b).values
@@ -265,7 +273,8 @@ def shift_inputs(
         )
     x = x.clone()
     if kind == "noise":
-        x = (x + severity * torch.randn(x.shape, generator=gen, dtype=x.dtype)).clamp(0, 1)
+        noise = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+        x = (x + severity * noise).clamp(0, 1)
     elif kind == "dim":
         x = x * (1 - severity)
     elif kind in ("translate", "occlude"):
@@ -294,7 +303,8 @@ def draw_window(
     "Indices of a window of n rows, drawn without replacement."
     w = torch.ones(len(y), dtype=torch.float64)
     if kind == "prior" and severity > 0:
-        mask = torch.isin(y.cpu(), torch.tensor(list(hard), dtype=y.dtype))
+        labels = y.detach().to("cpu")
+        mask = torch.isin(labels, torch.tensor(list(hard), dtype=y.dtype))
         if not mask.any():
             raise ValueError(f"no row of the pool has a class in hard={hard}")
         w = (1 - severity) / len(y) + severity * mask.double() / mask.sum()
@@ -329,6 +339,8 @@ def simulate(
     need = window * (1 if ref_x is not None else 2)
     if len(x) < need:
         raise ValueError(f"the pool has {len(x)} rows; a reference and a live window need {need}")
+    if ref_x is not None and len(ref_x) < window:
+        raise ValueError(f"ref_x has {len(ref_x)} rows, fewer than a window of {window}")
     rows = []
     for w in range(windows):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + w)
@@ -443,6 +455,28 @@ def episodes(flags: pd.Series) -> list[tuple[int, int]]:
     return [(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2])]
 
 # %% ../../nbs/deploy/20_monitor.ipynb #bce60f30
+def _restricted_mle(x_b: int, n_b: int, x_c: int, n_c: int, margin: float) -> tuple[float, float]:
+    """Error rates (p_b, p_b + margin) of largest likelihood under the null's boundary
+    p_c - p_b = margin (Farrington and Manning's restricted maximum likelihood)."""
+    from scipy.optimize import minimize_scalar
+
+    tiny = 1e-12
+
+    def nll(pb):
+        pc = pb + margin
+        return -(
+            x_b * math.log(max(pb, tiny))
+            + (n_b - x_b) * math.log(max(1 - pb, tiny))
+            + x_c * math.log(max(pc, tiny))
+            + (n_c - x_c) * math.log(max(1 - pc, tiny))
+        )
+
+    pb = minimize_scalar(
+        nll, bounds=(tiny, 1 - margin - tiny), method="bounded", options=dict(xatol=1e-10)
+    ).x
+    return pb, pb + margin
+
+
 def canary(
     baseline: nn.Module,  # the model in production
     candidate: nn.Module,  # the new version
@@ -451,45 +485,49 @@ def canary(
     share: float = 0.05,  # share of traffic the candidate answers
     step: int = 100,  # canary requests between two looks
     looks: int = 10,  # looks before the candidate is promoted
-    alpha: float = 0.05,  # chance of rolling back a candidate no worse than the baseline
+    alpha: float = 0.05,  # false-rollback rate allowed (see below)
     margin: float = 0.01,  # how much higher the candidate's error rate may be and still pass
     seed: int = 0,
 ) -> dict:
     """A canary rollout: a share of live traffic goes to the candidate; after every `step` canary
     requests it is compared with the baseline's answers over the same period on two tests, each
-    at alpha / (2 looks) (Bonferroni over the repeated looks): KS on the confidence (no labels
-    needed) and, with the labels, a one-sided two-proportion z-test that the candidate's error rate
-    exceeds the baseline's by more than `margin`. Roll back at the first alarm; promote after the
-    last look."""
+    at alpha / (2 looks) (Bonferroni over the repeated looks): KS between the confidence of the
+    candidate's answers and that of as many baseline answers from the same looks (no labels
+    needed), and, with the labels, Farrington and Manning's one-sided test that the candidate's
+    error rate exceeds the baseline's by more than `margin`. Roll back at the first alarm;
+    promote after the last look. A candidate whose error rate is at most `margin` above the
+    baseline's and whose confidence is distributed as the baseline's is rolled back with
+    probability at most about alpha; one whose confidence differs can be rolled back for that
+    alone, better or not."""
     if not 0 < share < 1:
         raise ValueError(f"share must be between 0 and 1, got {share}: e.g. 0.05 for 5% of traffic")
-    if not 0 <= margin < 1:
-        raise ValueError(
-            f"margin must be in [0, 1), got {margin}: e.g. 0.01 for one point of error rate"
-        )
+    if not 0 < alpha < 1 or not 0 <= margin < 1:
+        raise ValueError(f"need 0 < alpha < 1 and 0 <= margin < 1, got {alpha} and {margin}")
     if step < 10 or looks < 1:
         raise ValueError(f"need step >= 10 and looks >= 1, got {step} and {looks}")
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} rows and y has {len(y)}: pass matching inputs and labels")
     gen = torch.Generator().manual_seed(seed)
     level = alpha / (2 * looks)
-    n_base = max(1, round(step * (1 - share) / share))
+    n_base = max(step, round(step * (1 - share) / share))
     conf = {"baseline": [], "candidate": []}
     wrong = {"baseline": 0, "candidate": 0}
     served = {"baseline": 0, "candidate": 0}
+    labels = y.detach().to("cpu")
     for look in range(1, looks + 1):
         for name, model, n in (("baseline", baseline, n_base), ("candidate", candidate, step)):
             idx = torch.randint(0, len(x), (n,), generator=gen)
             c = confidence(model, x[idx])
-            conf[name].append(c.values)
-            wrong[name] += int((c.indices != y[idx].cpu()).sum())
+            conf[name].append(c.values[:step])  # as many answers from each side and look
+            wrong[name] += int((c.indices != labels[idx]).sum())
             served[name] += n
-        mine = torch.cat(conf["candidate"])  # against as many baseline answers: exact and fast
-        _, p_conf = ks_2samp(torch.cat(conf["baseline"])[: len(mine)], mine)
+        _, p_conf = ks_2samp(torch.cat(conf["baseline"]), torch.cat(conf["candidate"]))
         e_b, e_c = wrong["baseline"] / served["baseline"], wrong["candidate"] / served["candidate"]
-        pooled = (wrong["baseline"] + wrong["candidate"]) / (
-            served["baseline"] + served["candidate"]
+        pb, pc = _restricted_mle(
+            wrong["baseline"], served["baseline"], wrong["candidate"], served["candidate"], margin
         )
         se = math.sqrt(
-            max(pooled * (1 - pooled), 1e-12) * (1 / served["baseline"] + 1 / served["candidate"])
+            max(pb * (1 - pb) / served["baseline"] + pc * (1 - pc) / served["candidate"], 1e-18)
         )
         p_err = float(norm.sf((e_c - e_b - margin) / se))
         if p_conf[0] <= level or p_err <= level:
@@ -541,9 +579,12 @@ def try_monitor(
         )
         fit(model, dl, epochs=10, lr=3e-3, progress=False, seed=0)
     model.eval()
+    wrong = confidence(model, x).indices != y
+    errs = torch.stack([wrong[y == k].double().mean() for k in range(10)])
+    hard = tuple(int(k) for k in errs.argsort(descending=True)[:3])  # the classes it errs on most
     runs = pd.concat(
         [
-            simulate(model, x, y, k, s, window, windows, permutations=100, hard=(8, 9, 5))
+            simulate(model, x, y, k, s, window, windows, permutations=199, hard=hard)
             for k, s in (("none", 0.0), (kind, severity))
         ]
     )
