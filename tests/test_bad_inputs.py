@@ -942,3 +942,36 @@ def test_ch20_monitor_refuses_bad_input():
         "ValueError", "unknown shift 'blur': choose one of none, noise, dim, translate, occlude, prior, relabel")
     assert _raises(P.draw_window, torch.zeros(10, dtype=torch.long), 5, "prior", 1.0, torch.Generator(), hard=(3,)) == (
         "ValueError", "no row of the pool has a class in hard=(3,)")
+
+
+def test_ch07_design_refuses_bad_input(tmp_path):
+    import torch
+    from torch import nn
+    from dlopt_labs.deploy import design as P
+    reg = P.default_registry()
+    assert _raises(reg.register("cnn", "backbone"), nn.Identity) == (
+        "RegistryError", "'cnn' is already registered, by dlopt_labs.deploy.design.ConvBackbone; "
+        "torch.nn.modules.linear.Identity would replace it silently: choose another name, or unregister the first on purpose")
+    assert _raises(reg.register, "x", "neck") == ("RegistryError", "kind must be one of ('backbone', 'head'), got 'neck'")
+    assert _raises(reg.build, {"name": "cnn", "chanels": 8}, "backbone", in_features=64) == (
+        "RegistryError", "cnn: unknown argument 'chanels'; it takes ['channels', 'in_features']. Did you mean 'channels'?")
+    assert _raises(reg.build, {"name": "mlp", "width": "128"}, "backbone", in_features=64) == (
+        "RegistryError", "mlp: argument 'width' must be int, got '128' (str)")
+    assert _raises(reg.build, {"name": "resnt"}, "backbone", in_features=64) == (
+        "RegistryError", "no backbone named 'resnt'; registered: ['attention', 'cnn', 'gru', 'mlp']. (register it before "
+        "building: default_registry() registers the chapter's components, load_plugins() those of installed plugins)")
+    assert _raises(reg.build, {"name": "linear"}, "head") == (
+        "RegistryError", "linear: missing argument(s) ['in_features', 'n_classes']: add them to the config")
+    assert _raises(P.build_model, reg, {"backbone": {"name": "cnn"}}) == (
+        "RegistryError", "a model config has exactly the keys 'backbone' and 'head', got {'backbone': {'name': 'cnn'}}")
+
+    def named(in_features: int, name: str = "x"):
+        return nn.Identity()
+    name, msg = _raises(reg.register("named", "backbone"), named)
+    assert name == "RegistryError" and msg.endswith("which a config uses for the component's registered name: rename that argument")
+    assert _raises(P.onnx_check, nn.Linear(3, 2), torch.rand(5, 3), tmp_path) == (
+        "ValueError", "x has 5 rows, fewer than the largest batch 64")
+    assert _raises(P.try_design, "resnet") == (
+        "ValueError", "choose a backbone from ['attention', 'cnn', 'gru', 'mlp'] and a head from ['cosine', 'hidden', 'linear'], "
+        "got 'resnet' and 'linear'")
+    assert _raises(P.train_autoencoder, True, None, hidden=0) == ("ValueError", "need hidden >= 1 and epochs >= 1, got 0 and 30")

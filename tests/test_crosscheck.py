@@ -2590,3 +2590,143 @@ def test_canary_rolls_back_a_model_that_errs_more_and_rarely_a_redeploy():
     assert out["decision"] == "rolled back" and out["look"] == 1
     decisions = [M20.canary(base, base, x, y, share=0.1, step=50, looks=5, seed=s)["decision"] for s in range(40)]
     assert decisions.count("rolled back") <= scipy_stats.binom.ppf(0.99, 40, 0.05)
+
+
+# chapter 07: every registered model against ONNX Runtime, the tied gradient, configs, plugins -----------------------
+from dlopt_labs.deploy import design as D07
+
+
+@pytest.mark.parametrize("backbone", ["mlp", "cnn", "attention", "gru"])
+def test_every_registered_model_matches_onnx_runtime(backbone, tmp_path):
+    """Each backbone with each head, untrained (seed 7) and fed uniform noise rather than digits: ONNX Runtime's outputs
+    are within 1e-5 of PyTorch's largest output at batches 1, 7 and 64, and the argmax agrees on every row."""
+    reg = D07.default_registry()
+    x = torch.rand(64, 64, generator=torch.Generator().manual_seed(7))
+    for head in reg.names("head"):
+        torch.manual_seed(7)
+        model = D07.build_model(reg, {"backbone": {"name": backbone}, "head": {"name": head}}).eval()
+        folder = tmp_path / head
+        folder.mkdir()
+        out = D07.onnx_check(model, x, folder)
+        assert out["exported"], out["error"]
+        assert out["rel_diff"] <= 1e-5, (backbone, head, out)
+
+
+def test_tied_weight_gradient_is_the_sum_of_both_uses():
+    """The tied autoencoder's weight gradient equals the encoder's gradient plus the transpose of the decoder's in an
+    untied copy holding the same matrix twice (float64, 1e-12)."""
+    torch.manual_seed(0)
+    tied = D07.TiedAutoencoder(10, 4, tied=True).double()
+    untied = D07.TiedAutoencoder(10, 4, tied=False).double()
+    with torch.no_grad():
+        untied.encoder.weight.copy_(tied.encoder.weight)
+        untied.encoder.bias.copy_(tied.encoder.bias)
+        untied.decoder.weight.copy_(tied.encoder.weight.T)
+        untied.decoder.bias.copy_(tied.decoder_bias)
+    x = torch.rand(6, 10, dtype=torch.float64)
+    torch.testing.assert_close(tied(x), untied(x), rtol=0, atol=1e-14)
+    F.mse_loss(tied(x), x).backward()
+    F.mse_loss(untied(x), x).backward()
+    want = untied.encoder.weight.grad + untied.decoder.weight.grad.T
+    torch.testing.assert_close(tied.encoder.weight.grad, want, rtol=1e-12, atol=1e-14)
+    assert sum(p.numel() for p in tied.parameters()) == 10 * 4 + 4 + 10
+
+
+def test_registry_refuses_taken_names_and_checks_configs_against_signatures():
+    """A taken name is refused with where it was registered; unregistering on purpose frees it; configs are matched
+    against inspect.signature and the annotations (bool is not an int, an int is a float, tuples element-wise)."""
+    reg = D07.Registry()
+
+    @reg.register("blocks", "backbone")
+    class Blocks(nn.Module):
+        def __init__(self, in_features: int, widths: tuple[int, ...] = (8,), gain: float = 1.0,
+                     label: str | None = None, *, bias: bool = True):
+            super().__init__()
+            self.out_features = widths[-1]
+
+    with pytest.raises(D07.RegistryError, match=r"'blocks' is already registered, by .*Blocks"):
+        reg.register("blocks", "backbone")(nn.Identity)
+    assert reg.build({"name": "blocks", "widths": [4, 5], "gain": 2, "bias": False}, in_features=3).out_features == 5
+    for config, msg in [({"name": "blocks", "widths": (4, "5")}, "argument 'widths' must be"),
+                        ({"name": "blocks", "gain": True}, "argument 'gain' must be float"),
+                        ({"name": "blocks", "bias": 1}, "argument 'bias' must be bool"),
+                        ({"name": "blocks", "labels": "x"}, "unknown argument 'labels'.*Did you mean 'label'"),
+                        ({"name": "blocks", "in_features": 3}, "are set by the model, not by the config")]:
+        with pytest.raises(D07.RegistryError, match=msg):
+            reg.build(config, in_features=3)
+    reg.unregister("blocks")
+    reg.register("blocks", "backbone")(nn.Identity)
+    assert reg.names() == ["blocks"]
+
+
+def test_plugins_are_found_from_entry_point_metadata(tmp_path, monkeypatch):
+    """A package on the path with a .dist-info entry point in the group registers its component through load_plugins,
+    and a model built from it trains with train_config's own code; a module not declared is not loaded."""
+    import importlib, sys
+    (tmp_path / "plug_pkg.py").write_text(
+        "from torch import nn\n"
+        "class Wide(nn.Module):\n"
+        "    def __init__(self, in_features: int):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(in_features, 12)\n"
+        "        self.out_features = 12\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(x).relu()\n"
+        "def register(registry):\n"
+        "    registry.register('wide', 'backbone')(Wide)\n")
+    info = tmp_path / "plug_pkg-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: plug-pkg\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[dlopt_labs.test_plugins]\nplug = plug_pkg:register\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    reg = D07.default_registry()
+    assert "plug_pkg" not in sys.modules
+    assert D07.load_plugins(reg, "dlopt_labs.test_plugins") == ["wide"]
+    from dlopt_labs.data import load, split
+    d = split(load("digits"), seed=1)
+    model, row = D07.train_config(reg, {"backbone": {"name": "wide"}, "head": {"name": "linear"}}, d, epochs=3)
+    assert row["backbone"] == "wide" and row["test_accuracy"] > 0.5
+    sys.modules.pop("plug_pkg", None)
+
+
+def test_build_model_checks_the_backbone_head_contract():
+    """A backbone whose output width differs from its declared out_features is refused with its name and the shape."""
+    reg = D07.default_registry()
+
+    @reg.register("liar", "backbone")
+    class Liar(nn.Module):
+        def __init__(self, in_features: int):
+            super().__init__()
+            self.out_features = 7
+            self.fc = nn.Linear(in_features, 9)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    with pytest.raises(D07.RegistryError, match=r"backbone 'liar' declares out_features=7 but returns shape \(2, 9\)"):
+        D07.build_model(reg, {"backbone": {"name": "liar"}, "head": {"name": "linear"}})
+
+
+def test_components_against_their_definitions():
+    """Each backbone satisfies the Backbone protocol; the attention backbone's patches are the image's 2x2 blocks in
+    row-major order (against slicing by hand); the GRU's features are its output at the last row; the cosine head is
+    scale x F.cosine_similarity to each prototype; the hidden head maps (batch, in) to (batch, n_classes)."""
+    x = torch.rand(3, 64, generator=torch.Generator().manual_seed(1))
+    for cls in (D07.MLPBackbone, D07.ConvBackbone, D07.PatchAttention, D07.RowGRU):
+        assert isinstance(cls(64), D07.Backbone)
+    att = D07.PatchAttention(64)
+    seen = {}
+    att.embed.register_forward_hook(lambda m, inp, out: seen.update(patches=inp[0]))  # returns None: output kept
+    att(x)
+    img = x.reshape(3, 8, 8)
+    by_hand = torch.stack([img[:, r:r + 2, c:c + 2].reshape(3, 4) for r in range(0, 8, 2) for c in range(0, 8, 2)], 1)
+    torch.testing.assert_close(seen["patches"], by_hand, rtol=0, atol=0)
+    gru = D07.RowGRU(64, hidden=5)
+    out, _ = gru.gru(x.reshape(3, 8, 8))
+    torch.testing.assert_close(gru(x), out[:, -1], rtol=1e-6, atol=1e-7)
+    head = D07.CosineHead(6, 4, scale=3.0)
+    h = torch.randn(3, 6)
+    want = 3.0 * F.cosine_similarity(h[:, None], head.prototypes[None], dim=-1)
+    torch.testing.assert_close(head(h), want, rtol=1e-5, atol=1e-6)
+    assert D07.HiddenHead(6, 4, hidden=9)(h).shape == (3, 4)

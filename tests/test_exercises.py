@@ -1699,3 +1699,91 @@ def test_ch20_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
     for name, wrong in dict(scipy_on_full_table=scipy_on_full_table, all_classes_in_dof=all_classes_in_dof,
                             g_test=g_test, live_against_ref_shares=live_against_ref_shares).items():
         assert status(P20.check_class_shift, wrong) == "failed", name
+
+
+# chapter 07, exercises 1 and 2: transplanting a backbone, a registry for notebooks ---------------------------------
+from dlopt_labs.deploy import design as P07
+
+
+def test_ch07_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def via_load_state_dict(model, trained, prefix):      # correct too: check, then load_state_dict(strict=False)
+        mine, theirs = model.state_dict(), trained.state_dict()
+        keys = sorted(k for k in theirs if k.startswith(prefix))
+        for k in keys:
+            if k not in mine or mine[k].shape != theirs[k].shape:
+                raise ValueError(f"cannot copy {k}")
+        model.load_state_dict({k: theirs[k] for k in keys}, strict=False)
+        return keys
+    assert status(P07.check_transplant, via_load_state_dict) == "passed"
+
+    def copies_everything(model, trained, prefix):        # the head too
+        model.load_state_dict(trained.state_dict(), strict=False)
+        return sorted(k for k in trained.state_dict() if k.startswith(prefix))
+
+    def checks_while_copying(model, trained, prefix):    # a refused transplant leaves a half-copied model
+        mine, keys = model.state_dict(), []
+        for k, v in sorted(trained.state_dict().items()):
+            if not k.startswith(prefix): continue
+            if k not in mine or mine[k].shape != v.shape: raise ValueError(f"cannot copy {k}")
+            with torch.no_grad(): mine[k].copy_(v)
+            keys.append(k)
+        return keys
+
+    def no_checks(model, trained, prefix):
+        mine = model.state_dict()
+        keys = sorted(k for k in trained.state_dict() if k.startswith(prefix))
+        for k in keys:
+            if k in mine and mine[k].shape == trained.state_dict()[k].shape:
+                with torch.no_grad(): mine[k].copy_(trained.state_dict()[k])
+        return keys
+
+    def unsorted_keys(model, trained, prefix):
+        return list(reversed(via_load_state_dict(model, trained, prefix)))
+    for name, wrong in dict(copies_everything=copies_everything, checks_while_copying=checks_while_copying,
+                            no_checks=no_checks, unsorted_keys=unsorted_keys).items():
+        assert status(P07.check_transplant, wrong) == "failed", name
+
+
+def test_ch07_exercise2_accepts_a_different_correct_solution_and_refuses_the_chapters_registry_and_mistakes():
+    class ByQualifiedName:                                # correct too: keyed on the qualified name
+        def __init__(self): self.objs, self.where = {}, {}
+        def register(self, name, kind):
+            def add(obj):
+                w = f"{obj.__module__}:{obj.__qualname__}"
+                if self.where.get(name, w) != w: raise ValueError(f"{name} is taken by {self.where[name]}")
+                self.objs[name], self.where[name] = obj, w
+                return obj
+            return add
+        def names(self): return sorted(self.objs)
+        def get(self, name): return self.objs[name]
+    assert status(P07.check_rerun_registry, ByQualifiedName) == "passed"
+
+    class Chapters(P07.Registry):                         # the chapter's own registry refuses the re-run cell
+        def get(self, name): return self._items[name]["obj"]
+    assert status(P07.check_rerun_registry, Chapters) == "failed"
+
+    class AnyFromMain(ByQualifiedName):                   # any notebook object may replace any other
+        def register(self, name, kind):
+            def add(obj):
+                if name in self.objs and obj.__module__ != "__main__": raise ValueError(f"{name} is taken")
+                self.objs[name] = obj
+                return obj
+            return add
+
+    class KeepsFirst(ByQualifiedName):                    # the re-run cell is accepted but the old class kept
+        def register(self, name, kind):
+            def add(obj):
+                if name not in self.objs: return super(KeepsFirst, self).register(name, kind)(obj)
+                if self.where[name] != f"{obj.__module__}:{obj.__qualname__}": raise ValueError(f"{name} is taken")
+                return obj
+            return add
+
+    class ByClassName(ByQualifiedName):                   # same class name from another module passes
+        def register(self, name, kind):
+            def add(obj):
+                if name in self.objs and self.objs[name].__name__ != obj.__name__: raise ValueError(f"{name} taken")
+                self.objs[name] = obj
+                return obj
+            return add
+    for name, wrong in dict(AnyFromMain=AnyFromMain, KeepsFirst=KeepsFirst, ByClassName=ByClassName).items():
+        assert status(P07.check_rerun_registry, wrong) == "failed", name

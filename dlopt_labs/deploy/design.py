@@ -55,6 +55,11 @@ class Registry:
                     f"{name!r} is already registered, by {first['where']}; {where} would replace "
                     "it silently: choose another name, or unregister the first on purpose"
                 )
+            if not callable(obj) or "name" in inspect.signature(obj).parameters:
+                raise RegistryError(
+                    f"{where} must be a class or function whose arguments do not include 'name', "
+                    "which a config uses for the component's registered name: rename that argument"
+                )
             self._items[name] = dict(obj=obj, kind=kind, where=where)
             return obj
 
@@ -515,6 +520,7 @@ def check_transplant(fn):
         ("mlp", "linear", "hidden"),
         ("cnn", "cosine", "linear"),
         ("gru", "hidden", "cosine"),
+        ("attention", "linear", "linear"),
     ):
         torch.manual_seed(1)
         trained = build_model(reg, {"backbone": {"name": b}, "head": {"name": h1}})
@@ -552,13 +558,19 @@ def check_transplant(fn):
     assert all(torch.equal(small.state_dict()[k], v) for k, v in before.items()), (
         "a refused transplant must leave the model as it was (check every shape before copying)"
     )
-    cnn = build_model(reg, {"backbone": {"name": "cnn"}, "head": {"name": "linear"}})
+    deeper = build_model(
+        reg, {"backbone": {"name": "mlp", "width": 16, "depth": 3}, "head": {"name": "linear"}}
+    )
     try:
-        fn(small, cnn, "backbone.")
+        fn(small, deeper, "backbone.")
     except ValueError as e:
-        assert "backbone." in str(e), f"the error should name the missing key, got: {e}"
+        assert "backbone.net.6" in str(e), f"the error should name the missing key, got: {e}"
     else:
         raise AssertionError("keys the model does not have were accepted")
+    assert all(torch.equal(small.state_dict()[k], v) for k, v in before.items()), (
+        "a refused transplant must leave the model as it was: the first layers fit, the third does "
+        "not exist, and nothing may be copied (check every key before copying)"
+    )
 
 # %% ../../nbs/deploy/07_design.ipynb #ffb83e5f
 @exercise(2, "a registry that survives re-running a notebook cell")
