@@ -4,6 +4,7 @@
 
 # %% ../../nbs/deploy/07_design.ipynb #f974de2c
 from __future__ import annotations
+import contextlib
 import copy
 import difflib
 import inspect
@@ -48,14 +49,18 @@ class Registry:
             )
 
         def add(obj):
-            where = f"{obj.__module__}.{obj.__qualname__}"
+            where = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
             if name in self._items:
                 first = self._items[name]
                 raise RegistryError(
                     f"{name!r} is already registered, by {first['where']}; {where} would replace "
                     "it silently: choose another name, or unregister the first on purpose"
                 )
-            if not callable(obj) or "name" in inspect.signature(obj).parameters:
+            try:
+                takes_name = "name" in inspect.signature(obj).parameters
+            except (TypeError, ValueError):
+                takes_name = False
+            if not callable(obj) or takes_name:
                 raise RegistryError(
                     f"{where} must be a class or function whose arguments do not include 'name', "
                     "which a config uses for the component's registered name: rename that argument"
@@ -75,6 +80,18 @@ class Registry:
         "Registered names, of one kind or of all."
         return sorted(n for n, v in self._items.items() if kind in (None, v["kind"]))
 
+    def describe(self) -> pd.DataFrame:
+        "One row per component: its kind, where it was registered and its arguments."
+        rows = []
+        for n in self.names():
+            item = self._items[n]
+            try:
+                args = ", ".join(str(p) for p in inspect.signature(item["obj"]).parameters.values())
+            except (TypeError, ValueError):
+                args = "?"
+            rows.append(dict(name=n, kind=item["kind"], where=item["where"], arguments=args))
+        return pd.DataFrame(rows).set_index("name")
+
     def __contains__(self, name) -> bool:
         return name in self._items
 
@@ -84,7 +101,7 @@ class Registry:
         if not isinstance(config, dict) or "name" not in config:
             raise RegistryError(f"a config is a dict with a 'name' key, got {config!r}")
         name = config["name"]
-        if name not in self._items:
+        if not isinstance(name, str) or name not in self._items:
             close = difflib.get_close_matches(str(name), self.names(kind), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise RegistryError(
@@ -106,25 +123,45 @@ class Registry:
         return item["obj"](**args)
 
 
+def _hint(obj, param: inspect.Parameter):
+    "The parameter's annotation as a type, or None when it has none or it cannot be resolved."
+    ann = param.annotation
+    if ann is param.empty:
+        return None
+    if isinstance(ann, str):  # `from __future__ import annotations`: resolve in the module's names
+        import sys
+
+        space = dict(vars(sys.modules.get(getattr(obj, "__module__", ""), typing)))
+        try:
+            return eval(ann, space)  # an annotation is an expression of the module's own names
+        except Exception:  # a name imported only for type checking: leave it unchecked
+            return None
+    return ann
+
+
 def _check_arguments(name: str, obj, args: dict) -> None:
     "Refuse unknown, missing or mistyped arguments with a message naming each and the fix."
-    sig = inspect.signature(obj)
-    hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
-    params = {
-        k: p
-        for k, p in sig.parameters.items()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):  # no signature to check against (some builtins)
+        return
+    ps = sig.parameters.values()
+    params = {p.name: p for p in ps if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    open_ended = any(p.kind == p.VAR_KEYWORD for p in ps)
     for k in args:
-        if k not in params:
+        if k not in params and not open_ended:
             close = difflib.get_close_matches(k, list(params), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise RegistryError(f"{name}: unknown argument {k!r}; it takes {sorted(params)}.{hint}")
     missing = [k for k, p in params.items() if p.default is p.empty and k not in args]
+    missing += [p.name for p in ps if p.kind == p.POSITIONAL_ONLY and p.default is p.empty]
     if missing:
-        raise RegistryError(f"{name}: missing argument(s) {missing}: add them to the config")
+        raise RegistryError(
+            f"{name}: missing argument(s) {missing}: add them to the config (positional-only "
+            "arguments cannot come from a config: make them keyword arguments)"
+        )
     for k, v in args.items():
-        want = hints.get(k)
+        want = _hint(obj, params[k]) if k in params else None
         if want is None or _fits(v, want):
             continue
         raise RegistryError(
@@ -134,23 +171,34 @@ def _check_arguments(name: str, obj, args: dict) -> None:
 
 
 def _fits(value, hint) -> bool:
-    "Does `value` fit the type hint (int, float, bool, str, tuple[int, ...], Optional, Union)?"
+    """Does `value` fit the type hint? Checks int, float, bool, str, tuple and list (each element,
+    and the length of a fixed tuple), Optional, Union and Literal; other hints are not checked."""
+    import numbers
+    import types
+
     origin, sub = typing.get_origin(hint), typing.get_args(hint)
-    if hint is typing.Any:
+    if hint is typing.Any or hint is inspect.Parameter.empty:
         return True
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return any(_fits(value, h) for h in sub)
+    if origin is typing.Literal:
+        return value in sub
     if hint is type(None):
         return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is bool:
+        return isinstance(value, (bool, np.bool_))
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin in (tuple, list):
-        if not isinstance(value, (tuple, list)):
+        return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if hint in (tuple, list) or origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):  # a JSON config has lists where Python has tuples
             return False
-        inner = sub[0] if sub else typing.Any
-        return all(_fits(v, inner) for v in value)
+        if not sub or (origin is tuple and sub == ((),)):
+            return True
+        if origin is tuple and not (len(sub) == 2 and sub[1] is Ellipsis):  # tuple[int, str]
+            return len(value) == len(sub) and all(_fits(v, h) for v, h in zip(value, sub))
+        return all(_fits(v, sub[0]) for v in value)
     if inspect.isclass(hint):
         return isinstance(value, hint)
     return True
@@ -389,13 +437,22 @@ def load_plugins(
 
     before = set(registry.names())
     for ep in entry_points(group=group):
-        fn = ep.load()
+        try:
+            fn = ep.load()
+        except Exception as e:
+            raise RegistryError(f"plugin {ep.name!r} ({ep.value}) failed to load: {e}") from e
         if not callable(fn):
             raise RegistryError(
                 f"plugin {ep.name!r} ({ep.value}) is not a function: an entry point of {group!r} "
                 "must name a function register(registry)"
             )
-        fn(registry)
+        scratch = Registry(registry.kinds)  # a plugin that fails halfway changes nothing
+        scratch._items = dict(registry._items)
+        try:
+            fn(scratch)
+        except Exception as e:
+            raise RegistryError(f"plugin {ep.name!r} ({ep.value}) failed to register: {e}") from e
+        registry._items = scratch._items
     return sorted(set(registry.names()) - before)
 
 # %% ../../nbs/deploy/07_design.ipynb #3f72e8e1
@@ -467,7 +524,8 @@ def onnx_check(
     x = x.detach().to("cpu", torch.float32)
     path = Path(folder) / "model.onnx"
     try:
-        export_onnx(model, x[:5], path)
+        with _silenced():  # a failed export prints its whole graph: the error below says enough
+            export_onnx(model, x[:5], path)
         ort_model = OrtModel(path, n_threads=1)
         diff = 0.0
         for b in batches:
@@ -476,12 +534,34 @@ def onnx_check(
             diff = max(diff, float((ort_model(x[:b]) - ref).abs().max() / ref.abs().max()))
         return dict(exported=True, rel_diff=diff, onnx_bytes=path.stat().st_size, error="")
     except Exception as e:  # an export that fails is a measurement, not a crash
-        return dict(
-            exported=False,
-            rel_diff=np.nan,
-            onnx_bytes=np.nan,
-            error=f"{type(e).__name__}: {e}"[:300],
-        )
+        return dict(exported=False, rel_diff=np.nan, onnx_bytes=np.nan, error=_first_cause(e))
+
+
+def _first_cause(e: BaseException) -> str:
+    "The innermost cause of an error, on one line, without terminal colours."
+    import re
+
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:200]
+
+
+@contextlib.contextmanager
+def _silenced():
+    "Hide what torch.export prints and logs while it fails."
+    import io
+    import logging
+
+    before = logging.root.manager.disable
+    logging.disable(
+        logging.CRITICAL
+    )  # torch's handlers hold the real stderr: redirecting misses them
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(before)
 
 # %% ../../nbs/deploy/07_design.ipynb #39b23ccc
 def try_design(
@@ -498,8 +578,8 @@ def try_design(
             f"choose a backbone from {reg.names('backbone')} and a head from {reg.names('head')}, "
             f"got {backbone!r} and {head!r}"
         )
-    if not 1 <= epochs <= 50:
-        raise ValueError(f"epochs must be from 1 to 50, got {epochs}")
+    if not isinstance(epochs, int) or not 1 <= epochs <= 50:
+        raise ValueError(f"epochs must be a whole number from 1 to 50, got {epochs}")
     d = split(load("digits"), seed=0)
     model, row = train_config(
         reg, {"backbone": {"name": backbone}, "head": {"name": head}}, d, epochs
@@ -533,6 +613,14 @@ def check_transplant(fn):
         for k in want:
             assert torch.equal(model.state_dict()[k], trained.state_dict()[k]), (
                 f"{b}: {k} not copied"
+            )
+        copied = {k: model.state_dict()[k].clone() for k in want}
+        with torch.no_grad():
+            for v in trained.state_dict().values():
+                v.add_(1)  # training the old model on must not change the new one
+        for k in want:
+            assert torch.equal(model.state_dict()[k], copied[k]), (
+                f"{b}: {k} is shared with the trained model, not copied: training one changes both"
             )
         for k, v in head_before.items():
             assert torch.equal(model.state_dict()[k], v), (
@@ -587,21 +675,27 @@ def check_rerun_registry(fn):
         cls.__qualname__, cls.__module__ = qualname, module
         return cls
 
-    first = make("Net")
-    assert reg.register("net", "backbone")(first) is first, (
-        "register must return the object it registers"
+    first = make("Blocks.Net")
+    assert reg.register("net_7b", "backbone")(first) is first, (
+        "register must return what it registers"
     )
-    again = make("Net")  # the same cell, run again: a new class object, same module and name
-    assert reg.register("net", "backbone")(again) is again
-    assert list(reg.names()) == ["net"], f"expected ['net'], got {reg.names()}"
-    assert reg.get("net") is again, "after the cell ran again, 'net' must be the new class"
-    for other in (make("OtherNet"), make("Net", module="plugins.acme")):
+    again = make("Blocks.Net")  # the same cell, run again: a new class object, same module and name
+    assert reg.register("net_7b", "backbone")(again) is again
+    assert list(reg.names()) == ["net_7b"], f"expected ['net_7b'], got {reg.names()}"
+    assert reg.get("net_7b") is again, "after the cell ran again, 'net_7b' must be the new class"
+    for other in (make("OtherNet"), make("Blocks.Net", module="plugins.acme"), make("Stages.Net")):
         try:
-            reg.register("net", "backbone")(other)
+            reg.register("net_7b", "backbone")(other)
         except ValueError as e:
-            assert "net" in str(e), f"the error should name the taken name, got: {e}"
+            assert "net_7b" in str(e), f"the error should name the taken name, got: {e}"
         else:
-            raise AssertionError(f"{other.__module__}.{other.__qualname__} replaced 'net' silently")
-        assert reg.get("net") is again, "a refused registration must leave the first entry in place"
-    reg.register("head1", "head")(make("Head1"))
-    assert sorted(reg.names()) == ["head1", "net"], f"expected ['head1', 'net'], got {reg.names()}"
+            raise AssertionError(
+                f"{other.__module__}.{other.__qualname__} replaced 'net_7b' silently"
+            )
+        assert reg.get("net_7b") is again, (
+            "a refused registration must leave the first entry in place"
+        )
+    reg.register("head_3c", "head")(make("Head1"))
+    assert sorted(reg.names()) == ["head_3c", "net_7b"], (
+        f"expected ['head_3c', 'net_7b'], got {reg.names()}"
+    )
