@@ -2731,3 +2731,36 @@ def test_components_against_their_definitions():
     want = 3.0 * F.cosine_similarity(h[:, None], head.prototypes[None], dim=-1)
     torch.testing.assert_close(head(h), want, rtol=1e-5, atol=1e-6)
     assert D07.HiddenHead(6, 4, hidden=9)(h).shape == (3, 4)
+
+
+def test_config_checks_follow_the_annotations_and_plugins_load_whole_or_not_at_all(tmp_path, monkeypatch):
+    """_fits against hand-picked values: Literal, fixed and variadic tuples, numpy integers, Optional; a **kwargs
+    constructor takes any key; a plugin that fails halfway leaves the registry as it was and is named."""
+    import importlib
+    from typing import Literal, Optional
+    fits = D07._fits
+    assert fits("avg", Literal["avg", "max"]) and not fits("mean", Literal["avg", "max"])
+    assert fits((1, "a"), tuple[int, str]) and not fits((1, 2, 3), tuple[int, str]) and not fits((1, 2), tuple[int, str])
+    assert fits([1, 2, 3], tuple[int, ...]) and not fits([1, 2.5], tuple[int, ...]) and fits([1, "x"], tuple)
+    assert fits(np.int64(5), int) and not fits(True, int) and fits(3, float) and not fits(np.bool_(True), float)
+    assert fits(None, Optional[int]) and not fits("3", Optional[int])
+    reg = D07.Registry()
+
+    @reg.register("open", "backbone")
+    def open_ended(in_features: int, **extra):
+        return nn.Identity()
+    assert isinstance(reg.build({"name": "open", "anything": 1}, in_features=3), nn.Identity)
+    (tmp_path / "half_plugin.py").write_text(
+        "from torch import nn\n"
+        "def register(registry):\n"
+        "    registry.register('first_ok', 'backbone')(nn.Identity)\n"
+        "    registry.register('open', 'backbone')(nn.Identity)\n")
+    info = tmp_path / "half_plugin-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: half-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[dlopt_labs.test_half]\nhalf = half_plugin:register\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    with pytest.raises(D07.RegistryError, match=r"plugin 'half' \(half_plugin:register\) failed to register: 'open' is already"):
+        D07.load_plugins(reg, "dlopt_labs.test_half")
+    assert reg.names() == ["open"]

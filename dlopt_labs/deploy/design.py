@@ -154,11 +154,13 @@ def _check_arguments(name: str, obj, args: dict) -> None:
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise RegistryError(f"{name}: unknown argument {k!r}; it takes {sorted(params)}.{hint}")
     missing = [k for k, p in params.items() if p.default is p.empty and k not in args]
-    missing += [p.name for p in ps if p.kind == p.POSITIONAL_ONLY and p.default is p.empty]
     if missing:
+        raise RegistryError(f"{name}: missing argument(s) {missing}: add them to the config")
+    positional = [p.name for p in ps if p.kind == p.POSITIONAL_ONLY and p.default is p.empty]
+    if positional:
         raise RegistryError(
-            f"{name}: missing argument(s) {missing}: add them to the config (positional-only "
-            "arguments cannot come from a config: make them keyword arguments)"
+            f"{name}: argument(s) {positional} are positional-only, which a config cannot give: "
+            "make them keyword arguments"
         )
     for k, v in args.items():
         want = _hint(obj, params[k]) if k in params else None
@@ -206,7 +208,8 @@ def _fits(value, hint) -> bool:
 # %% ../../nbs/deploy/07_design.ipynb #6ae2a08d
 def default_registry() -> Registry:
     """The chapter's components, registered explicitly in one place (no import side effects):
-    backbones mlp, cnn, attention, gru; heads linear, hidden, cosine."""
+    backbones mlp, cnn, attention, gru; heads linear, hidden, cosine. Components are built on the
+    CPU (`device="cpu"`); `train_config` moves the finished model to its device."""
     reg = Registry()
     reg.register("mlp", "backbone")(MLPBackbone)
     reg.register("cnn", "backbone")(ConvBackbone)
@@ -225,7 +228,7 @@ class MLPBackbone(nn.Module):
         super().__init__()
         layers, n = [], in_features
         for _ in range(depth):
-            layers += [nn.Linear(n, width), nn.ReLU(), nn.Dropout(dropout)]
+            layers += [nn.Linear(n, width, device="cpu"), nn.ReLU(), nn.Dropout(dropout)]
             n = width
         self.net, self.out_features = nn.Sequential(*layers), width
 
@@ -241,9 +244,9 @@ class ConvBackbone(nn.Module):
         if in_features != 64:
             raise ValueError(f"cnn reads 8x8 images: in_features must be 64, got {in_features}")
         self.net = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1),
+            nn.Conv2d(1, channels, 3, padding=1, device="cpu"),
             nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.Conv2d(channels, channels, 3, padding=1, device="cpu"),
             nn.ReLU(),
             nn.AdaptiveAvgPool2d(2),
             nn.Flatten(),
@@ -263,10 +266,10 @@ class PatchAttention(nn.Module):
             raise ValueError(
                 f"attention reads 8x8 images: in_features must be 64, got {in_features}"
             )
-        self.embed = nn.Linear(4, dim)
+        self.embed = nn.Linear(4, dim, device="cpu")
         self.position = nn.Parameter(torch.zeros(16, dim))
         self.layer = nn.TransformerEncoderLayer(
-            dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True
+            dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True, device="cpu"
         )
         self.out_features = dim
 
@@ -282,7 +285,7 @@ class RowGRU(nn.Module):
         super().__init__()
         if in_features != 64:
             raise ValueError(f"gru reads 8x8 images: in_features must be 64, got {in_features}")
-        self.gru = nn.GRU(8, hidden, batch_first=True)
+        self.gru = nn.GRU(8, hidden, batch_first=True, device="cpu")
         self.out_features = hidden
 
     def forward(self, x):
@@ -294,7 +297,7 @@ class LinearHead(nn.Module):
 
     def __init__(self, in_features: int, n_classes: int):
         super().__init__()
-        self.fc = nn.Linear(in_features, n_classes)
+        self.fc = nn.Linear(in_features, n_classes, device="cpu")
 
     def forward(self, h):
         return self.fc(h)
@@ -306,7 +309,9 @@ class HiddenHead(nn.Module):
     def __init__(self, in_features: int, n_classes: int, hidden: int = 64):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, n_classes)
+            nn.Linear(in_features, hidden, device="cpu"),
+            nn.ReLU(),
+            nn.Linear(hidden, n_classes, device="cpu"),
         )
 
     def forward(self, h):
@@ -462,12 +467,12 @@ class TiedAutoencoder(nn.Module):
 
     def __init__(self, in_features: int = 64, hidden: int = 32, tied: bool = True):
         super().__init__()
-        self.encoder = nn.Linear(in_features, hidden)
+        self.encoder = nn.Linear(in_features, hidden, device="cpu")  # moved by .to(device) after
         self.tied = tied
         if tied:
             self.decoder_bias = nn.Parameter(torch.zeros(in_features))
         else:
-            self.decoder = nn.Linear(hidden, in_features)
+            self.decoder = nn.Linear(hidden, in_features, device="cpu")
 
     def forward(self, x):
         h = torch.relu(self.encoder(x))
