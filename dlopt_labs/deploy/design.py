@@ -519,8 +519,8 @@ def onnx_check(
     batches: tuple = (1, 7, 64),  # batch sizes to run, none equal to the export's
 ) -> dict:
     """Export to ONNX (chapter 06's `export_onnx`, batch dimension free) and run the file in ONNX
-    Runtime at each batch size: the largest difference from PyTorch relative to the largest
-    output, the file's size, and the error if the export or a run failed."""
+    Runtime at each batch size: whether the export and the runs succeeded, the largest difference
+    from PyTorch relative to the largest output, the file's size, and the first error's cause."""
     from dlopt_labs.efficient.inference import OrtModel, export_onnx
 
     if len(x) < max(batches):
@@ -528,18 +528,21 @@ def onnx_check(
     model = copy.deepcopy(model).cpu().eval()
     x = x.detach().to("cpu", torch.float32)
     path = Path(folder) / "model.onnx"
-    try:
+    out = dict(exported=False, ran=False, rel_diff=np.nan, onnx_bytes=np.nan, error="")
+    try:  # a failure is a measurement, not a crash
         with _silenced():  # a failed export prints its whole graph: the error below says enough
             export_onnx(model, x[:5], path)
+        out.update(exported=True, onnx_bytes=path.stat().st_size)
         ort_model = OrtModel(path, n_threads=1)
         diff = 0.0
         for b in batches:
             with torch.no_grad():
                 ref = model(x[:b])
             diff = max(diff, float((ort_model(x[:b]) - ref).abs().max() / ref.abs().max()))
-        return dict(exported=True, rel_diff=diff, onnx_bytes=path.stat().st_size, error="")
-    except Exception as e:  # an export that fails is a measurement, not a crash
-        return dict(exported=False, rel_diff=np.nan, onnx_bytes=np.nan, error=_first_cause(e))
+        out.update(ran=True, rel_diff=diff)
+    except Exception as e:
+        out["error"] = _first_cause(e)
+    return out
 
 
 def _first_cause(e: BaseException) -> str:

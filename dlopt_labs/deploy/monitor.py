@@ -592,20 +592,20 @@ def try_monitor(
     return summarise(runs)[cols].set_index("kind")
 
 # %% ../../nbs/deploy/20_monitor.ipynb #780a4a6e
-def _cusum_reference(x, target, k, h):
-    s = 0.0
-    for i, v in enumerate(x):
-        s = max(0.0, s + v - target - k)
-        if s > h:
-            return i
-    return None
-
-
 @exercise(1, "CUSUM: raise the alarm as soon as a stream's mean has risen")
 def check_cusum(fn):
     """`fn(x, target, k, h)` runs Page's one-sided CUSUM over the stream `x` (a list of floats):
     S_0 = 0, S_t = max(0, S_(t-1) + x_t - target - k), and returns the index t of the first value
     with S_t > h, or None if there is none."""
+
+    def reference(x, target, k, h):  # kept inside the check: there is nothing to call instead
+        s = 0.0
+        for i, v in enumerate(x):
+            s = max(0.0, s + v - target - k)
+            if s > h:
+                return i
+        return None
+
     rng = np.random.default_rng(20)
     cases = [([], 0.0, 0.5, 4.0), ([10.0], 0.0, 0.5, 4.0), ([4.5], 0.0, 0.5, 4.0)]
     for _ in range(200):
@@ -620,7 +620,7 @@ def check_cusum(fn):
             )
         )
     for x, target, k, h in cases:
-        want, got = _cusum_reference(x, target, k, h), fn(list(x), target, k, h)
+        want, got = reference(x, target, k, h), fn(list(x), target, k, h)
         assert got == want, (
             f"{len(x)} values, target {target:.3f}, k {k:.3f}, h {h:.3f}: expected "
             f"{want}, got {got}"
