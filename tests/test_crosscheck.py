@@ -2660,11 +2660,23 @@ def test_registry_refuses_taken_names_and_checks_configs_against_signatures():
     assert reg.names() == ["blocks"]
 
 
+def _install_plugin(tmp_path, monkeypatch, module: str, source: str, group: str, entry: str):
+    """Lay out a module and its .dist-info (METADATA, entry_points.txt) on the path, as pip would install them."""
+    import importlib
+    (tmp_path / f"{module}.py").write_text(source)
+    info = tmp_path / f"{module}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[{group}]\n{entry} = {module}:register\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+
+
 def test_plugins_are_found_from_entry_point_metadata(tmp_path, monkeypatch):
     """A package on the path with a .dist-info entry point in the group registers its component through load_plugins,
     and a model built from it trains with train_config's own code; a module not declared is not loaded."""
-    import importlib, sys
-    (tmp_path / "plug_pkg.py").write_text(
+    import sys
+    _install_plugin(tmp_path, monkeypatch, "plug_pkg",
         "from torch import nn\n"
         "class Wide(nn.Module):\n"
         "    def __init__(self, in_features: int):\n"
@@ -2674,13 +2686,7 @@ def test_plugins_are_found_from_entry_point_metadata(tmp_path, monkeypatch):
         "    def forward(self, x):\n"
         "        return self.fc(x).relu()\n"
         "def register(registry):\n"
-        "    registry.register('wide', 'backbone')(Wide)\n")
-    info = tmp_path / "plug_pkg-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: plug-pkg\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[dlopt_labs.test_plugins]\nplug = plug_pkg:register\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    importlib.invalidate_caches()
+        "    registry.register('wide', 'backbone')(Wide)\n", "dlopt_labs.test_plugins", "plug")
     reg = D07.default_registry()
     assert "plug_pkg" not in sys.modules
     assert D07.load_plugins(reg, "dlopt_labs.test_plugins") == ["wide"]
@@ -2736,7 +2742,6 @@ def test_components_against_their_definitions():
 def test_config_checks_follow_the_annotations_and_plugins_load_whole_or_not_at_all(tmp_path, monkeypatch):
     """_fits against hand-picked values: Literal, fixed and variadic tuples, numpy integers, Optional; a **kwargs
     constructor takes any key; a plugin that fails halfway leaves the registry as it was and is named."""
-    import importlib
     from typing import Literal, Optional
     fits = D07._fits
     assert fits("avg", Literal["avg", "max"]) and not fits("mean", Literal["avg", "max"])
@@ -2750,17 +2755,11 @@ def test_config_checks_follow_the_annotations_and_plugins_load_whole_or_not_at_a
     def open_ended(in_features: int, **extra):
         return nn.Identity()
     assert isinstance(reg.build({"name": "open", "anything": 1}, in_features=3), nn.Identity)
-    (tmp_path / "half_plugin.py").write_text(
-        "from torch import nn\n"
-        "def register(registry):\n"
-        "    registry.register('first_ok', 'backbone')(nn.Identity)\n"
-        "    registry.register('open', 'backbone')(nn.Identity)\n")
-    info = tmp_path / "half_plugin-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: half-plugin\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[dlopt_labs.test_half]\nhalf = half_plugin:register\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    importlib.invalidate_caches()
+    _install_plugin(tmp_path, monkeypatch, "half_plugin",
+                    "from torch import nn\n"
+                    "def register(registry):\n"
+                    "    registry.register('first_ok', 'backbone')(nn.Identity)\n"
+                    "    registry.register('open', 'backbone')(nn.Identity)\n", "dlopt_labs.test_half", "half")
     with pytest.raises(D07.RegistryError, match=r"plugin 'half' \(half_plugin:register\) failed to register: 'open' is already"):
         D07.load_plugins(reg, "dlopt_labs.test_half")
     assert reg.names() == ["open"]
