@@ -33,7 +33,7 @@ class RegistryError(ValueError):
 class Registry:
     """Named constructors of model components, each of one kind ("backbone", "head", ...).
     `register` refuses a name already taken (saying where it was registered first), and `build`
-    turns a config, a dict {"name": ..., **arguments}, into a component, checking every argument
+    turns a config, a dict ``{"name": ..., **arguments}``, into a component, checking every argument
     against the constructor's signature and type annotations before calling it."""
 
     def __init__(self, kinds: tuple = ("backbone", "head")):

@@ -180,7 +180,7 @@ def mmd_test(
     seed: int = 0,  # seed of the permutations
 ) -> tuple[float, float]:
     """Kernel two-sample test: the squared maximum mean discrepancy (biased estimate, Gaussian
-    kernel exp(-|u - v|^2 / m) with m the median squared distance between the pooled rows) and its
+    kernel ``exp(-|u - v|^2 / m)``, m the median squared distance between the pooled rows) and its
     permutation p-value (1 + #{permuted >= observed}) / (1 + permutations). m does not depend on
     which rows are which, so under no shift P(p <= a) <= a for every a: the test is valid, and
     exact when a (1 + permutations) is a whole number."""
