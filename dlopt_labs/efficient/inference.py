@@ -10,7 +10,7 @@ import os
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -287,18 +287,17 @@ def quantize_dynamic_int8(
 # %% ../../nbs/efficient/06_inference.ipynb #a15f7853
 @contextmanager
 def _quiet():
-    "Silence the exporters' progress lines, warnings and log messages."
-    names = ("torch.onnx", "torch.export", "onnxscript", "root", "onnxruntime")
-    old = {n: logging.getLogger(n).level for n in names}
-    for n in names:
-        logging.getLogger(n).setLevel(logging.ERROR)
+    """Silence the exporters' progress lines, warnings and log messages, and the graph a failed
+    export prints (the exception itself still reaches the caller)."""
+    before = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)  # torch's log handlers hold the real stderr
     try:
-        with warnings.catch_warnings(), open(os.devnull, "w") as null, redirect_stdout(null):
+        with warnings.catch_warnings(), open(os.devnull, "w") as null:
             warnings.simplefilter("ignore")
-            yield
+            with redirect_stdout(null), redirect_stderr(null):
+                yield
     finally:
-        for n, level in old.items():
-            logging.getLogger(n).setLevel(level)
+        logging.disable(before)
 
 
 def _target(path) -> Path:
