@@ -975,3 +975,24 @@ def test_ch07_design_refuses_bad_input(tmp_path):
         "ValueError", "choose a backbone from ['attention', 'cnn', 'gru', 'mlp'] and a head from ['cosine', 'hidden', 'linear'], "
         "got 'resnet' and 'linear'")
     assert _raises(P.train_autoencoder, True, None, hidden=0) == ("ValueError", "need hidden >= 1 and epochs >= 1, got 0 and 30")
+
+
+def test_ch27_ddp_refuses_bad_input():
+    from dlopt_labs.deploy import ddp as P
+    assert _raises(P.launch, "evaluate") == (
+        "ValueError", "tasks must be one or more of ('grads', 'train', 'step_time') separated by commas, got 'evaluate'")
+    assert _raises(P.launch, "train", 0) == ("ValueError", "nproc must be a whole number of processes from 1 to 64, got 0")
+    assert _raises(P.launch, "train", 2, epoch=3) == (
+        "ValueError", "unknown worker options ['epoch']: choose from ['backend', 'batch', 'batches', 'collective_timeout', "
+        "'epochs', 'fail_rank', 'fail_step', 'hang_rank', 'lr', 'rounds', 'seed', 'set_epoch', 'step_width', 'steps', "
+        "'threads', 'width']")
+    assert _raises(P.torchrun_command, "train", "/out", nnodes=2) == (
+        "ValueError", "with nnodes=2, endpoint must be node 0's host:port (e.g. 10.0.0.1:29500), got ''")
+    assert _raises(P.torchrun_command, "train", "/out", nnodes=2, node_rank=2, endpoint="h:1") == (
+        "ValueError", "node_rank must be from 0 to nnodes - 1 = 1, got 2")
+    assert _raises(P.train_at_scale, 8, "cubic") == ("ValueError", "rule must be one of ['linear', 'none', 'sqrt'], got 'cubic'")
+    assert _raises(P.train_at_scale, 8, warmup=10, epochs=10) == (
+        "ValueError", "warmup must be a whole number of epochs from 0 to epochs - 1, got 10")
+    assert _raises(P.make_model, 0) == ("ValueError", "width must be a positive whole number of units, got 0")
+    assert _raises(P.scaling_table, {8: {"1 process, 1 thread": [1.0, 1.0]}}) == (
+        "ValueError", "an interval needs at least 3 rounds, got 2: raise rounds")

@@ -2763,3 +2763,132 @@ def test_config_checks_follow_the_annotations_and_plugins_load_whole_or_not_at_a
     with pytest.raises(D07.RegistryError, match=r"plugin 'half' \(half_plugin:register\) failed to register: 'open' is already"):
         D07.load_plugins(reg, "dlopt_labs.test_half")
     assert reg.names() == ["open"]
+
+
+# chapter 27: one process at the global batch, DDP against all_reduce by hand, torch's DistributedSampler -----------
+import time as _time
+from torch.utils.data import DistributedSampler, TensorDataset
+from dlopt_labs.deploy import ddp as D27
+
+
+@pytest.fixture(scope="module")
+def ddp_run():
+    "One torchrun launch (two ranks, gloo, loopback) on settings the chapter does not use."
+    return D27.launch("grads,train", 2, timeout=300, seed=5, width=48, batch=24, epochs=3, set_epoch=[1, 0], lr=0.03)
+
+
+def _ddp_leftovers():
+    import psutil
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if "dlopt_labs.deploy.ddp" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_ddp_two_ranks_at_b_give_one_process_gradient_at_2b(ddp_run):
+    """Tolerance 1e-6 absolute (float32 sums in another order; the largest entry is about 0.1). BatchNorm's
+    per-rank statistics give a different gradient, by far more than rounding."""
+    assert ddp_run["world"] == 2 and ddp_run["backend"] == "gloo"
+    for bn in (False, True):
+        one = D27.single_process_grads(24, 2, 48, 5, batchnorm=bn)
+        got = ddp_run["result"]["grads"][bn]
+        assert float((got["ddp"] - got["by_hand"]).abs().max()) < 1e-6      # DDP == all_reduce by hand
+        diff = float((got["ddp"] - one).abs().max())
+        assert diff > 1e-4 if bn else diff < 1e-6, (bn, diff)
+
+
+def test_ddp_sampler_orders_equal_torch_distributed_sampler_and_set_epoch_reshuffles(ddp_run):
+    X, y, _, _ = D27.digits_tensors(5)
+    ds = TensorDataset(X, y)
+    runs = ddp_run["result"]["train"]
+    for set_epoch, run in runs.items():
+        for r in range(2):
+            ref = DistributedSampler(ds, num_replicas=2, rank=r, shuffle=True, seed=5)
+            for e, order in enumerate(run["orders"][r]):
+                if set_epoch:
+                    ref.set_epoch(e)
+                assert order == list(ref), (set_epoch, r, e)
+        rep = D27.order_report(run["orders"])
+        assert rep.same_order_as_epoch_0.sum() == (1 if set_epoch else 3)
+        assert (rep.distinct_rows == len(X)).all() and (rep.padded == len(X) % 2).all()
+        assert run["max_param_diff"] == 0.0                                  # the ranks hold the same weights
+        assert run["losses"][-1] < run["losses"][0]
+    assert runs[1]["losses"][0] == runs[0]["losses"][0] and runs[1]["losses"][1:] != runs[0]["losses"][1:]
+
+
+def test_ddp_worker_tasks_in_a_one_rank_group(tmp_path):
+    """The worker's tasks in this process (a one-rank gloo group): the gradient is one process's, the orders are
+    DistributedSampler's documented permutation (randperm seeded by seed + epoch), the timings are positive."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        o = D27._parser().parse_args(["grads,train,step_time", "--out", str(tmp_path), "--width", "16", "--batch",
+                                      "20", "--epochs", "2", "--set-epoch", "1,0", "--batches", "8", "--steps", "2",
+                                      "--rounds", "3", "--step-width", "16", "--seed", "2"])
+        cpu = torch.device("cpu")
+        grads = D27.task_grads(o, 0, 1, cpu)
+        for bn in (False, True):                                            # one rank: BatchNorm sees every row
+            one = D27.single_process_grads(20, 1, 16, 2, batchnorm=bn)
+            assert float((grads[bn]["ddp"] - one).abs().max()) < 1e-6
+        train = D27.task_train(o, 0, 1, cpu)
+        n = len(D27.digits_tensors(2)[0])
+        for set_epoch, run in train.items():
+            for e, order in enumerate(run["orders"][0]):
+                g = torch.Generator().manual_seed(2 + (e if set_epoch else 0))
+                assert order == torch.randperm(n, generator=g).tolist()
+        timing = D27.task_step_time(o, 0, 1, cpu)
+        assert set(timing["times"][8]) >= {"1 process, 1 thread", "1 ranks (DDP)", "all-reduce, bucketed"}
+        assert all(t > 0 for ts in timing["times"][8].values() for t in ts)
+        model = D27.make_model(16, device="cpu", seed=1)
+        F.cross_entropy(model(torch.rand(4, 64)), torch.tensor([0, 1, 2, 3])).backward()
+        before = D27.flat_grads(model)
+        assert D27.average_gradients(model, bucket=True) == 1 and D27.average_gradients(model, bucket=False) == 6
+        assert torch.equal(D27.flat_grads(model), before)                  # one rank: the mean is the gradient
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_scaling_table_reads_paired_rounds():
+    times = {4: {"1 process, 1 thread": [2.0, 2.0, 2.0], "1 process, 2 threads": [1.0, 1.0, 1.0],
+                 "2 ranks (DDP)": [4.0, 4.0, 4.0], "all-reduce, bucketed": [0.5]}}
+    t = D27.scaling_table(times).set_index("config")
+    assert t.loc["1 process, 2 threads", "speedup"] == pytest.approx(2.0) and t.loc["1 process, 2 threads", "efficiency"] == pytest.approx(1.0)
+    assert t.loc["2 ranks (DDP)", "speedup"] == pytest.approx(0.5) and t.loc["2 ranks (DDP)", "efficiency"] == pytest.approx(0.25)
+    assert math.isnan(t.loc["all-reduce, bucketed", "speedup"]) and t.loc["all-reduce, bucketed", "median_ms"] == 500
+
+
+@pytest.mark.timeout(180)
+def test_ddp_a_failing_rank_is_named_and_the_others_are_stopped():
+    t0 = _time.perf_counter()
+    with pytest.raises(D27.DistributedRunError) as e:
+        D27.launch("train", 2, epochs=1, width=16, fail_rank=0, fail_step=2, timeout=90)
+    assert e.value.rank == 0 and e.value.error == "RuntimeError: simulated failure on rank 0 at step 2"
+    assert _time.perf_counter() - t0 < 60 and _ddp_leftovers() == []
+
+
+@pytest.mark.timeout(180)
+def test_ddp_a_stuck_rank_ends_by_the_collective_timeout_or_the_launch_limit():
+    t0 = _time.perf_counter()
+    with pytest.raises(D27.DistributedRunError) as e:                      # rank 1 stops; rank 0 waits 4 s
+        D27.launch("train", 2, epochs=1, width=16, hang_rank=1, fail_step=2, collective_timeout=4, timeout=90)
+    assert e.value.rank == 0 and "Timed out" in e.value.error and "collective_timeout" in e.value.error
+    assert _time.perf_counter() - t0 < 60 and _ddp_leftovers() == []
+    t0 = _time.perf_counter()
+    with pytest.raises(D27.DistributedRunError, match="did not finish in 6 s"):
+        D27.launch("train", 2, epochs=1, width=16, hang_rank=1, fail_step=2, collective_timeout=600, timeout=6)
+    assert _time.perf_counter() - t0 < 45 and _ddp_leftovers() == []
+
+
+def test_ddp_torchrun_command_for_several_machines():
+    cmd = D27.torchrun_command("train", "/shared/out", nproc=8, nnodes=2, node_rank=1, endpoint="10.0.0.1:29500",
+                               backend="nccl", set_epoch=[1])
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--standalone" not in cmd
+    assert {"--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29500",
+            "--nproc-per-node=8"} <= set(cmd)
+    assert cmd[cmd.index("--backend") + 1] == "nccl" and cmd[cmd.index("--set-epoch") + 1] == "1"
+    args = D27._parser().parse_args(cmd[cmd.index("dlopt_labs.deploy.ddp") + 1:])
+    assert args.tasks == ["train"] and args.backend == "nccl" and args.set_epoch == [1]
+
+
+def test_ddp_linear_scaling_rule_against_one_rank():
+    "train_at_scale at k=1 is plain SGD; the linear rule's rate is k times, and it trains k times fewer steps."
+    one, eight = D27.train_at_scale(1, "none", epochs=2, seed=3), D27.train_at_scale(8, "linear", epochs=2, seed=3)
+    assert eight["lr"] == pytest.approx(8 * one["lr"]) and eight["steps"] * 8 == pytest.approx(one["steps"], abs=8)
+    assert D27.train_at_scale(1, "linear", epochs=2, seed=3)["losses"] == one["losses"]   # k=1: every rule is the same

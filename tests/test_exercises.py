@@ -1787,3 +1787,89 @@ def test_ch07_exercise2_accepts_a_different_correct_solution_and_refuses_the_cha
             return add
     for name, wrong in dict(AnyFromMain=AnyFromMain, KeepsFirst=KeepsFirst, ByClassName=ByClassName).items():
         assert status(P07.check_rerun_registry, wrong) == "failed", name
+
+
+# chapter 27, exercises 1 and 2: ring all-reduce, gradient accumulation over unequal micro-batches --------------------
+from dlopt_labs.deploy import ddp as P27
+
+
+def _ring(tensors, direction=1, gather=True):
+    "Ring all-reduce with each chunk's partial sum carried as a separate list (another correct layout)."
+    k = len(tensors)
+    parts = [[c.clone() for c in t.tensor_split(k)] for t in tensors]
+    log, step = [], 0
+    for s in range(k - 1):
+        moving = {r: ((r - s) % k, parts[r][(r - s) % k].clone()) for r in range(k)}
+        for r, (c, data) in moving.items():
+            to = (r + direction) % k
+            parts[to][c] = parts[to][c] + data
+            log.append((step, r, to, data.numel()))
+        step += 1
+    if gather:
+        for s in range(k - 1):
+            moving = {r: ((r + 1 - s) % k, parts[r][(r + 1 - s) % k].clone()) for r in range(k)}
+            for r, (c, data) in moving.items():
+                parts[(r + 1) % k][c] = data
+                log.append((step, r, (r + 1) % k, data.numel()))
+            step += 1
+    return [torch.cat(p) for p in parts], log
+
+
+def test_ch27_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    assert status(P27.check_ring_allreduce, _ring) == "passed"
+
+    def everyone_to_everyone(tensors):                    # the right sum, but not a ring
+        k, total = len(tensors), torch.stack(tensors).sum(0)
+        log = [(0, r, q, len(tensors[r])) for r in range(k) for q in range(k) if q != r]
+        return [total.clone() for _ in range(k)], log
+
+    def in_place(tensors):                                # sums into the caller's tensors
+        results, log = _ring(tensors)
+        for t, r in zip(tensors, results): t.copy_(r)
+        return tensors, log
+
+    def reduce_scatter_only(tensors):                      # stops halfway: each rank has one finished chunk
+        return _ring(tensors, gather=False)
+
+    def left_neighbour(tensors):
+        return _ring(tensors, direction=-1)
+
+    def summed_then_logged(tensors):                       # fakes a log around a direct sum, one message per rank
+        k, total = len(tensors), torch.stack(tensors).sum(0)
+        return [total.clone() for _ in range(k)], [(s, r, (r + 1) % k, len(tensors[r])) for s in range(2 * (k - 1))
+                                                   for r in range(k)]
+    for name, wrong in dict(everyone_to_everyone=everyone_to_everyone, in_place=in_place,
+                            reduce_scatter_only=reduce_scatter_only, left_neighbour=left_neighbour,
+                            summed_then_logged=summed_then_logged).items():
+        assert status(P27.check_ring_allreduce, wrong) == "failed", name
+
+
+def test_ch27_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def summed_then_divided(model, x, y, sizes):           # correct too: sums of losses, then one division
+        for p in model.parameters(): p.grad = None
+        start = 0
+        for m in sizes:
+            F.cross_entropy(model(x[start:start + m]), y[start:start + m], reduction="sum").backward()
+            start += m
+        for p in model.parameters(): p.grad /= len(x)
+    assert status(P27.check_accumulate, summed_then_divided) == "passed"
+
+    def mean_of_means(model, x, y, sizes):                 # right only when the sizes are equal
+        start = 0
+        for m in sizes:
+            (F.cross_entropy(model(x[start:start + m]), y[start:start + m]) / len(sizes)).backward()
+            start += m
+
+    def last_only(model, x, y, sizes):                     # zero_grad in the loop: only the last micro-batch counts
+        start = 0
+        for m in sizes:
+            model.zero_grad()
+            F.cross_entropy(model(x[start:start + m]), y[start:start + m]).backward()
+            start += m
+
+    def returns_loss(model, x, y, sizes):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    for name, wrong in dict(mean_of_means=mean_of_means, last_only=last_only, returns_loss=returns_loss).items():
+        assert status(P27.check_accumulate, wrong) == "failed", name
