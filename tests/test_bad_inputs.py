@@ -990,6 +990,8 @@ def test_ch27_ddp_refuses_bad_input():
         "ValueError", "with nnodes=2, endpoint must be node 0's host:port (e.g. 10.0.0.1:29500), got ''")
     assert _raises(P.torchrun_command, "train", "/out", nnodes=2, node_rank=2, endpoint="h:1") == (
         "ValueError", "node_rank must be from 0 to nnodes - 1 = 1, got 2")
+    assert _raises(P.torchrun_command, "train", "/out", nnodes=0) == ("ValueError", "nnodes must be a whole number >= 1, got 0")
+    assert _raises(P.launch, "train", 2, timeout="10") == ("ValueError", "timeout must be a positive number of seconds, got '10'")
     assert _raises(P.train_at_scale, 8, "cubic") == ("ValueError", "rule must be one of ['linear', 'none', 'sqrt'], got 'cubic'")
     assert _raises(P.train_at_scale, 8, warmup=10, epochs=10) == (
         "ValueError", "warmup must be a whole number of epochs from 0 to epochs - 1, got 10")

@@ -1789,87 +1789,91 @@ def test_ch07_exercise2_accepts_a_different_correct_solution_and_refuses_the_cha
         assert status(P07.check_rerun_registry, wrong) == "failed", name
 
 
-# chapter 27, exercises 1 and 2: ring all-reduce, gradient accumulation over unequal micro-batches --------------------
+# chapter 27, exercises 1 and 2: ring all-reduce, BatchNorm statistics merged across ranks -----------------------------
 from dlopt_labs.deploy import ddp as P27
 
 
 def _ring(tensors, direction=1, gather=True):
-    "Ring all-reduce with each chunk's partial sum carried as a separate list (another correct layout)."
+    "Ring all-reduce with the chunks kept in a dict per rank (another correct layout)."
     k = len(tensors)
-    parts = [[c.clone() for c in t.tensor_split(k)] for t in tensors]
+    held = [dict(enumerate(c.clone() for c in t.tensor_split(k))) for t in tensors]
     log, step = [], 0
     for s in range(k - 1):
-        moving = {r: ((r - s) % k, parts[r][(r - s) % k].clone()) for r in range(k)}
-        for r, (c, data) in moving.items():
+        moving = [(r, (r - s) % k, held[r][(r - s) % k].clone()) for r in range(k)]
+        for r, c, data in moving:
             to = (r + direction) % k
-            parts[to][c] = parts[to][c] + data
-            log.append((step, r, to, data.numel()))
+            held[to][c] = held[to][c] + data
+            log.append((step, r, to, c, data))
         step += 1
     if gather:
         for s in range(k - 1):
-            moving = {r: ((r + 1 - s) % k, parts[r][(r + 1 - s) % k].clone()) for r in range(k)}
-            for r, (c, data) in moving.items():
-                parts[(r + 1) % k][c] = data
-                log.append((step, r, (r + 1) % k, data.numel()))
+            moving = [(r, (r + 1 - s) % k, held[r][(r + 1 - s) % k].clone()) for r in range(k)]
+            for r, c, data in moving:
+                held[(r + 1) % k][c] = data
+                log.append((step, r, (r + 1) % k, c, data))
             step += 1
-    return [torch.cat(p) for p in parts], log
+    return [torch.cat([h[c] for c in range(k)]) for h in held], log
 
 
 def test_ch27_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
     assert status(P27.check_ring_allreduce, _ring) == "passed"
 
-    def everyone_to_everyone(tensors):                    # the right sum, but not a ring
+    def summed_with_invented_log(tensors):                 # the sum computed directly, a log of chunk sizes only
         k, total = len(tensors), torch.stack(tensors).sum(0)
-        log = [(0, r, q, len(tensors[r])) for r in range(k) for q in range(k) if q != r]
+        chunks = total.tensor_split(k)
+        log = [(s, r, (r + 1) % k, r, chunks[r]) for s in range(2 * (k - 1)) for r in range(k)]
         return [total.clone() for _ in range(k)], log
 
-    def in_place(tensors):                                # sums into the caller's tensors
+    def everyone_to_everyone(tensors):
+        k, total = len(tensors), torch.stack(tensors).sum(0)
+        log = [(0, r, q, 0, tensors[r].tensor_split(k)[0]) for r in range(k) for q in range(k) if q != r]
+        return [total.clone() for _ in range(k)], log
+
+    def in_place(tensors):
         results, log = _ring(tensors)
         for t, r in zip(tensors, results): t.copy_(r)
         return tensors, log
 
-    def reduce_scatter_only(tensors):                      # stops halfway: each rank has one finished chunk
+    def reduce_scatter_only(tensors):
         return _ring(tensors, gather=False)
 
     def left_neighbour(tensors):
         return _ring(tensors, direction=-1)
-
-    def summed_then_logged(tensors):                       # fakes a log around a direct sum, one message per rank
-        k, total = len(tensors), torch.stack(tensors).sum(0)
-        return [total.clone() for _ in range(k)], [(s, r, (r + 1) % k, len(tensors[r])) for s in range(2 * (k - 1))
-                                                   for r in range(k)]
-    for name, wrong in dict(everyone_to_everyone=everyone_to_everyone, in_place=in_place,
-                            reduce_scatter_only=reduce_scatter_only, left_neighbour=left_neighbour,
-                            summed_then_logged=summed_then_logged).items():
+    for name, wrong in dict(summed_with_invented_log=summed_with_invented_log, everyone_to_everyone=everyone_to_everyone,
+                            in_place=in_place, reduce_scatter_only=reduce_scatter_only,
+                            left_neighbour=left_neighbour).items():
         assert status(P27.check_ring_allreduce, wrong) == "failed", name
 
 
 def test_ch27_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
-    def summed_then_divided(model, x, y, sizes):           # correct too: sums of losses, then one division
-        for p in model.parameters(): p.grad = None
-        start = 0
-        for m in sizes:
-            F.cross_entropy(model(x[start:start + m]), y[start:start + m], reduction="sum").backward()
-            start += m
-        for p in model.parameters(): p.grad /= len(x)
-    assert status(P27.check_accumulate, summed_then_divided) == "passed"
+    def all_at_once(parts):                                # correct too: the law of total variance, in one pass
+        parts = [(c, m, s) for c, m, s in parts if c]
+        n = sum(c for c, _, _ in parts)
+        mean = sum(c * m for c, m, _ in parts) / n
+        return mean, sum(s + c * (m - mean) ** 2 for c, m, s in parts) / n
+    assert status(P27.check_merge_stats, all_at_once) == "passed"
 
-    def mean_of_means(model, x, y, sizes):                 # right only when the sizes are equal
-        start = 0
-        for m in sizes:
-            (F.cross_entropy(model(x[start:start + m]), y[start:start + m]) / len(sizes)).backward()
-            start += m
+    def sums_of_squares(parts):                            # right in exact arithmetic, loses digits far from 0
+        parts = [(c, m, s) for c, m, s in parts if c]
+        n = sum(c for c, _, _ in parts)
+        total, squares = sum(c * m for c, m, _ in parts), sum(s + c * m**2 for c, m, s in parts)
+        return total / n, squares / n - (total / n) ** 2
 
-    def last_only(model, x, y, sizes):                     # zero_grad in the loop: only the last micro-batch counts
-        start = 0
-        for m in sizes:
-            model.zero_grad()
-            F.cross_entropy(model(x[start:start + m]), y[start:start + m]).backward()
-            start += m
+    def mean_of_variances(parts):                          # what each rank's own BatchNorm would average to
+        parts = [(c, m, s) for c, m, s in parts if c]
+        n = sum(c for c, _, _ in parts)
+        return sum(c * m for c, m, _ in parts) / n, sum(s for _, _, s in parts) / n
 
-    def returns_loss(model, x, y, sizes):
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    for name, wrong in dict(mean_of_means=mean_of_means, last_only=last_only, returns_loss=returns_loss).items():
-        assert status(P27.check_accumulate, wrong) == "failed", name
+    def unweighted(parts):                                 # every rank counts the same, whatever its rows
+        parts = [(c, m, s) for c, m, s in parts if c]
+        mean = sum(m for _, m, _ in parts) / len(parts)
+        n = sum(c for c, _, _ in parts)
+        return mean, sum(s + c * (m - mean) ** 2 for c, m, s in parts) / n
+
+    def unbiased(parts):
+        mean, var = all_at_once(parts)
+        n = sum(c for c, _, _ in parts)
+        return mean, var * n / (n - 1)
+    for name, wrong in dict(sums_of_squares=sums_of_squares, mean_of_variances=mean_of_variances,
+                            unweighted=unweighted, unbiased=unbiased).items():
+        assert status(P27.check_merge_stats, wrong) == "failed", name

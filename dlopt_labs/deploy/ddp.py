@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['TASKS', 'make_model', 'digits_tensors', 'flat_grads', 'average_gradients', 'task_grads', 'task_train',
            'task_step_time', 'main', 'DistributedRunError', 'torchrun_command', 'launch', 'single_process_grads',
-           'order_report', 'scaling_table', 'train_at_scale', 'try_scaling', 'check_ring_allreduce', 'check_accumulate']
+           'order_report', 'scaling_table', 'faster', 'train_at_scale', 'try_scaling', 'check_ring_allreduce',
+           'check_merge_stats']
 
 # %% ../../nbs/deploy/27_ddp.ipynb #78118db7
 import argparse
@@ -58,11 +59,18 @@ def make_model(
 
 
 def digits_tensors(seed: int = 0):
-    "The digits split as float32 / int64 tensors on the CPU: (X_train, y_train, X_test, y_test)."
+    """The digits split as float32 / int64 tensors on the CPU: (X_train, y_train, X_held, y_held),
+    the held-out rows being the validation and test rows together (nothing here is tuned on
+    them)."""
     d = split(load("digits"), seed=seed)
     f = lambda a: torch.as_tensor(a, dtype=torch.float32)
     i = lambda a: torch.as_tensor(a, dtype=torch.int64)
-    return f(d.X_train), i(d.y_train), f(d.X_test), i(d.y_test)
+    return (
+        f(d.X_train),
+        i(d.y_train),
+        f(np.concatenate([d.X_val, d.X_test])),
+        i(np.concatenate([d.y_val, d.y_test])),
+    )
 
 
 def flat_grads(model: nn.Module) -> torch.Tensor:
@@ -190,20 +198,21 @@ def task_train(o, rank, world, device):
             orders=all_orders,
             steps=steps,
             seconds=seconds,
-            test_accuracy=acc,
+            accuracy=acc,
             max_param_diff=float(max((g - flat).abs().max() for g in gathered)),
         )
     return runs
 
 
 def task_step_time(o, rank, world, device):
-    """Interleaved timing of one training step at the global batch world x b, for each b in
-    o.batches: rank 0 alone without DDP (1 thread, then o.threads threads; the other ranks wait
-    at a barrier), every rank with DDP (b rows each), every rank computing alone (`no_sync`: no
-    communication), and the first configuration again (A/A: the noise). o.rounds rounds in a
-    random order shared by the ranks, o.steps timed steps each; also the all-reduce of all
-    gradients by hand, bucketed and tensor by tensor. Returns {b: {config: [median seconds per
-    round]}} (rank 0's clock)."""
+    """Interleaved timing, at the global batch world x b for each b in o.batches, of one training
+    step of a model of width o.step_width: rank 0 alone without DDP (1 thread, then o.threads
+    threads; the other ranks wait at a barrier), every rank with DDP (b rows each), every rank
+    computing alone (`no_sync`: no communication), the first configuration again (A/A: the
+    noise), and the all-reduce of all gradients by hand (one bucket, tensor by tensor) and of
+    one element (the latency of a call). o.rounds rounds in a random order shared by the ranks,
+    o.steps timed steps each. Returns {b: {config: [median seconds per round]}} (rank 0's
+    clock)."""
     X, y, _, _ = digits_tensors(o.seed)
     g = torch.Generator().manual_seed(o.seed + rank)
     model = make_model(o.step_width, False, device, o.seed)
@@ -227,7 +236,8 @@ def task_step_time(o, rank, world, device):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def timed(fn, everyone=True):
+    def timed(fn, everyone=True, threads=1):
+        torch.set_num_threads(threads)  # outside the timed region: resizing the pool is not a step
         times = []
         for _ in range(o.steps):
             dist.barrier()
@@ -238,35 +248,34 @@ def task_step_time(o, rank, world, device):
                 sync_device()
                 times.append(time.perf_counter() - t)
         dist.barrier()
+        torch.set_num_threads(1)
         return float(np.median(times)) if times else float("nan")
 
-    def solo(b, threads):
-        def run():
-            torch.set_num_threads(threads)
-            step(alone, alone, world * b)
-            torch.set_num_threads(1)
-
-        return run
-
+    one = torch.zeros(1, device=device)
     results = {}
     for b in o.batches:
+        step(ddp, model, b)  # gradients to all-reduce by hand
         configs = {
-            "1 process, 1 thread": (solo(b, 1), False),
-            f"1 process, {o.threads} threads": (solo(b, o.threads), False),
-            f"{world} ranks (DDP)": (lambda: step(ddp, model, b), True),
-            f"{world} ranks, compute only": (lambda: step(ddp, model, b, sync=False), True),
-            "1 process, 1 thread (A/A)": (solo(b, 1), False),
+            "1 process, 1 thread": (lambda: step(alone, alone, world * b), False, 1),
+            f"1 process, {o.threads} threads": (
+                lambda: step(alone, alone, world * b),
+                False,
+                o.threads,
+            ),
+            f"{world} ranks (DDP)": (lambda: step(ddp, model, b), True, 1),
+            f"{world} ranks, compute only": (lambda: step(ddp, model, b, sync=False), True, 1),
+            "1 process, 1 thread (A/A)": (lambda: step(alone, alone, world * b), False, 1),
+            "all-reduce, bucketed": (lambda: average_gradients(model, True), True, 1),
+            "all-reduce, per tensor": (lambda: average_gradients(model, False), True, 1),
+            "all-reduce, 1 element": (lambda: dist.all_reduce(one), True, 1),
         }
-        for name, (fn, everyone) in configs.items():  # warm-up
-            timed(fn, everyone)
+        for name, args in configs.items():  # warm-up
+            timed(*args)
         order = np.random.default_rng(o.seed + b)
         times = {name: [] for name in configs}
         for _ in range(o.rounds):
             for name in order.permutation(list(configs)):
                 times[name].append(timed(*configs[name]))
-        step(ddp, model, b)  # fresh gradients to all-reduce by hand
-        times["all-reduce, bucketed"] = [timed(lambda: average_gradients(model, True))]
-        times["all-reduce, per tensor"] = [timed(lambda: average_gradients(model, False))]
         results[b] = times
     return dict(times=results, parameters=sum(p.numel() for p in model.parameters()))
 
@@ -320,6 +329,7 @@ def main(argv=None):
     traceback) before it exits."""
     o = _parser().parse_args(argv)
     out = Path(o.out)
+    out.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", 0))
     try:
         rank, world, device = _init(o.backend, o.collective_timeout)
@@ -338,7 +348,7 @@ def main(argv=None):
             json.dumps(
                 dict(
                     rank=rank,
-                    time=time.time(),
+                    time=time.monotonic(),
                     error=f"{type(e).__name__}: {e}",
                     traceback=traceback.format_exc(),
                 )
@@ -357,7 +367,7 @@ class DistributedRunError(RuntimeError):
 
 def torchrun_command(
     tasks: str,  # one of TASKS, or several separated by commas
-    out: str,  # the folder rank 0 writes result.pt to (on node 0)
+    out: str,  # the folder rank 0 writes result.pt to (on node 0; created if missing)
     nproc: int = 2,  # processes per machine (one per GPU with NCCL)
     nnodes: int = 1,  # machines; 1: --standalone on this one
     node_rank: int = 0,  # this machine's number, 0 to nnodes - 1 (each machine runs the command)
@@ -366,6 +376,11 @@ def torchrun_command(
 ) -> list:
     """The torchrun command line that runs the chapter's worker: standalone on one machine, or one
     command per machine for several (the same script; with GPUs, backend "auto" picks NCCL)."""
+    if not isinstance(tasks, str) or set(tasks.split(",")) - set(TASKS):
+        raise ValueError(f"tasks must be one or more of {TASKS} separated by commas, got {tasks!r}")
+    for name, v, lo in (("nproc", nproc, 1), ("nnodes", nnodes, 1), ("node_rank", node_rank, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"{name} must be a whole number >= {lo}, got {v!r}")
     known = {a.dest for a in _parser()._actions} - {"help", "tasks", "out"}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -375,7 +390,7 @@ def torchrun_command(
             f"with nnodes={nnodes}, endpoint must be node 0's host:port (e.g. 10.0.0.1:29500), "
             f"got {endpoint!r}"
         )
-    if not 0 <= node_rank < nnodes:
+    if node_rank >= nnodes:
         raise ValueError(f"node_rank must be from 0 to nnodes - 1 = {nnodes - 1}, got {node_rank}")
     where = (
         ["--standalone"]
@@ -429,6 +444,34 @@ def _stop_tree(proc, grace: float = 5.0):
     psutil.wait_procs(alive, timeout=grace)
 
 
+def _failure(tasks, nproc, seconds, code, out, output):
+    "The DistributedRunError of a failed run, from the error files the ranks wrote."
+    errors = sorted(
+        (json.loads(p.read_text()) for p in out.glob("error-rank*.json")), key=lambda e: e["time"]
+    )  # the first failure; the others follow from it
+    silent = sorted(set(range(nproc)) - {e["rank"] for e in errors})
+    first = errors[0] if errors else None
+    if first and "Timed out" in first["error"]:
+        first["error"] += (
+            " (this rank waited longer than collective_timeout for another rank: look at "
+            "what the others were doing)"
+        )
+    said = (
+        f"rank {first['rank']} failed first: {first['error']}"
+        if first
+        else f"torchrun exited with {code}: {output.strip().splitlines()[-1:]}"
+    )
+    if silent:
+        said += f"; ranks that wrote no error (stuck, or killed): {silent}"
+    return DistributedRunError(
+        f"{tasks} on {nproc} ranks failed after {seconds:.1f} s; {said}; the other "
+        "ranks were stopped",
+        rank=first["rank"] if first else None,
+        error=first["error"] if first else None,
+        output=output,
+    )
+
+
 def launch(
     tasks: str,  # one of TASKS, or several separated by commas (one launch, one start-up cost)
     nproc: int = 2,  # processes (ranks) on this machine
@@ -438,67 +481,47 @@ def launch(
     """Run `tasks` on `nproc` local ranks with `torchrun --standalone` and return rank 0's results
     ({task: result}, with `seconds`, the launch's wall time, and the launcher's `output`). A
     rank that fails stops the run: torchrun ends the others, and this raises DistributedRunError
-    naming the first rank that failed and its error."""
-    if not isinstance(tasks, str) or set(tasks.split(",")) - set(TASKS):
-        raise ValueError(f"tasks must be one or more of {TASKS} separated by commas, got {tasks!r}")
+    naming the first rank that failed and its error. Whatever happens, no process is left behind."""
     if not isinstance(nproc, int) or isinstance(nproc, bool) or not 1 <= nproc <= 64:
         raise ValueError(f"nproc must be a whole number of processes from 1 to 64, got {nproc!r}")
-    if not timeout > 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    out = Path(tempfile.mkdtemp(prefix="dlopt-ddp-"))
-    cmd = torchrun_command(tasks, str(out), nproc=nproc, **options)
+    torchrun_command(tasks, "", nproc=nproc, **options)  # checks everything before anything starts
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: loopback (several: the network's)
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    out = Path(tempfile.mkdtemp(prefix="dlopt-ddp-"))
+    start, proc = time.perf_counter(), None
     try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _stop_tree(proc)
-        output, _ = proc.communicate(timeout=30)
+        proc = subprocess.Popen(
+            torchrun_command(tasks, str(out), nproc=nproc, **options),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop_tree(proc)
+            output = proc.stdout.read() if proc.stdout else ""
+            proc.wait(timeout=10)
+            raise DistributedRunError(
+                f"{tasks} on {nproc} ranks did not finish in {timeout} s and was "
+                "stopped: raise timeout=, or look for a rank that waits on a "
+                "collective the others never call",
+                output=output,
+            ) from None
+        seconds = time.perf_counter() - start
+        result = out / "result.pt"
+        if proc.returncode != 0 or not result.exists():
+            raise _failure(tasks, nproc, seconds, proc.returncode, out, output)
+        saved = torch.load(result, weights_only=False)  # written by this run's rank 0, a moment ago
+        return dict(saved, seconds=seconds, output=output)
+    finally:  # an interrupt or any error: stop torchrun and its workers, remove the folder
+        if proc is not None and proc.poll() is None:
+            _stop_tree(proc)
         shutil.rmtree(out, ignore_errors=True)
-        raise DistributedRunError(
-            f"{tasks} on {nproc} ranks did not finish in {timeout} s and was stopped: "
-            "raise timeout=, or look for a rank that waits on a collective "
-            "the others never call",
-            output=output,
-        )
-    seconds = time.perf_counter() - start
-    errors = sorted(
-        (json.loads(p.read_text()) for p in out.glob("error-rank*.json")), key=lambda e: e["time"]
-    )  # the first failure; the others follow from it
-    result = out / "result.pt"
-    if proc.returncode != 0 or not result.exists():
-        shutil.rmtree(out, ignore_errors=True)
-        first = errors[0] if errors else None
-        rank = first["rank"] if first else None
-        if first and "Timed out" in first["error"]:
-            first["error"] += (
-                " (this rank waited longer than collective_timeout for another rank: "
-                "look at what the others were doing)"
-            )
-        said = (
-            f"rank {rank} failed first: {first['error']}"
-            if first
-            else f"torchrun exited with {proc.returncode}: {output.strip().splitlines()[-1:]}"
-        )
-        raise DistributedRunError(
-            f"{tasks} on {nproc} ranks failed after {seconds:.1f} s; {said}; "
-            "the other ranks were stopped",
-            rank=rank,
-            error=first["error"] if first else None,
-            output=output,
-        )
-    saved = torch.load(result, weights_only=False)  # written by this run's rank 0, a moment ago
-    shutil.rmtree(out, ignore_errors=True)
-    return dict(saved, seconds=seconds, output=output)
 
 
 # run as a module by torchrun (a notebook kernel's __name__ is "__main__" too; its argv[0] is not)
@@ -543,17 +566,21 @@ def order_report(orders) -> pd.DataFrame:
 def scaling_table(
     times: dict,  # from task_step_time: {b: {config: [seconds per round]}}
     world: int = 2,  # ranks of the DDP rows
+    baseline: str = "1 process, 1 thread",  # the configuration speed-ups divide by
     level: float = 0.95,  # confidence level of the intervals
 ) -> pd.DataFrame:
-    """Per batch and configuration: the median step time and the speed-up over one process with one
-    thread at the same global batch, from the per-round ratios (Student-t interval of the mean
-    log ratio), with the A/A row as the noise band. Efficiency = speed-up / the processes' cores
-    (world ranks of one thread, or one process of `threads` threads)."""
+    """Per batch and configuration: the median step time and the speed-up over `baseline` at the
+    same global batch, from the per-round ratios (Student-t interval of the mean log ratio; the
+    rounds are paired: each ran every configuration once). With the one-thread baseline,
+    efficiency = speed-up / cores (world ranks of one thread, or one process of n threads).
+    All-reduce rows get times only."""
     from scipy import stats
 
     rows = []
     for b, configs in times.items():
-        base = np.asarray(configs["1 process, 1 thread"])
+        if baseline not in configs:
+            raise ValueError(f"baseline {baseline!r} is not among {list(configs)}")
+        base = np.asarray(configs[baseline])
         if len(base) < 3:
             raise ValueError(f"an interval needs at least 3 rounds, got {len(base)}: raise rounds")
         tq = stats.t.ppf(0.5 + level / 2, len(base) - 1)
@@ -565,21 +592,32 @@ def scaling_table(
                 config=name,
                 median_ms=float(np.median(ts)) * 1e3,
             )
-            if len(ts) == len(base):
+            if not name.startswith("all-reduce"):
                 lr = np.log(base / ts)
-                half = tq * lr.std(ddof=1) / np.sqrt(len(lr))
-                cores = (
-                    world if "ranks" in name else int(re.match(r"1 process, (\d+)", name).group(1))
-                )
+                m, half = lr.mean(), tq * lr.std(ddof=1) / np.sqrt(len(lr))
                 row.update(
-                    speedup=float(np.exp(lr.mean())),
-                    speedup_lo=float(np.exp(lr.mean() - half)),
-                    speedup_hi=float(np.exp(lr.mean() + half)),
-                    cores=cores,
-                    efficiency=float(np.exp(lr.mean())) / cores,
+                    speedup=float(np.exp(m)),
+                    speedup_lo=float(np.exp(m - half)),
+                    speedup_hi=float(np.exp(m + half)),
                 )
+                if baseline == "1 process, 1 thread":
+                    cores = (
+                        world
+                        if "ranks" in name
+                        else int(re.match(r"1 process, (\d+)", name).group(1))
+                    )
+                    row.update(cores=cores, efficiency=float(np.exp(m)) / cores)
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def faster(row: pd.Series, noise: pd.Series) -> str:
+    """'faster', 'slower' or 'within noise': a speed-up whose interval clears 1 and the A/A band."""
+    if row.speedup_lo > max(1.0, noise.speedup_hi):
+        return "faster"
+    if row.speedup_hi < min(1.0, noise.speedup_lo):
+        return "slower"
+    return "within noise"
 
 # %% ../../nbs/deploy/27_ddp.ipynb #32590e34
 def train_at_scale(
@@ -589,12 +627,13 @@ def train_at_scale(
     base_lr: float = 0.02,  # learning rate at one rank
     epochs: int = 10,  # passes over the training rows (so k x fewer steps at k ranks)
     warmup: int = 0,  # epochs of linear warm-up from base_lr to the scaled rate
-    seed: int = 0,
+    seed: int = 0,  # initial weights and shuffling
     device="cpu",
+    split_seed: int = 0,  # the data split's seed
 ) -> dict:
     """SGD with momentum at global batch k x base_batch, in one process: the distributed run's
     gradient equals it (the chapter measured it), so the learning-rate rule is studied without k
-    processes. Returns the test accuracy, the final training loss and the loss per epoch."""
+    processes. Returns the held-out accuracy, the final training loss and the loss per epoch."""
     rules = {"none": 1.0, "linear": float(k), "sqrt": float(np.sqrt(k))}
     if rule not in rules:
         raise ValueError(f"rule must be one of {sorted(rules)}, got {rule!r}")
@@ -605,7 +644,7 @@ def train_at_scale(
         raise ValueError(
             f"warmup must be a whole number of epochs from 0 to epochs - 1, got {warmup!r}"
         )
-    X, y, Xt, yt = (t.to(device) for t in digits_tensors(0))
+    X, y, Xt, yt = (t.to(device) for t in digits_tensors(split_seed))
     model = make_model(64, False, device, seed)
     lr = base_lr * rules[rule]
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -634,11 +673,12 @@ def train_at_scale(
     return dict(
         k=k,
         rule=rule,
+        warmup=warmup,
         lr=lr,
         batch=batch,
         steps=epochs * per_epoch,
         seed=seed,
-        test_accuracy=acc if ok else 0.0,
+        accuracy=acc if ok else 0.0,
         final_loss=losses[-1],
         losses=losses,
     )
@@ -647,14 +687,15 @@ def train_at_scale(
 def try_scaling(
     k: int = 8,  # ranks simulated (global batch k x 16)
     rule: str = "linear",  # "none", "linear" or "sqrt"
-    warmup: int = 0,  # epochs of warm-up
+    warmup: int = 0,  # epochs of warm-up (fewer than epochs)
     epochs: int = 10,
+    device="cpu",
 ):
     "Train at k ranks' global batch with a learning-rate rule; plot the loss beside one rank's."
     import matplotlib.pyplot as plt
 
-    one = train_at_scale(1, "none", epochs=epochs)
-    run = train_at_scale(k, rule, epochs=epochs, warmup=warmup)
+    one = train_at_scale(1, "none", epochs=epochs, device=device)
+    run = train_at_scale(k, rule, epochs=epochs, warmup=warmup, device=device)
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.plot(range(1, epochs + 1), one["losses"], label=f"1 rank, lr {one['lr']:.3g}")
     ax.plot(range(1, epochs + 1), run["losses"], label=f"{k} ranks, {rule}: lr {run['lr']:.3g}")
@@ -663,62 +704,86 @@ def try_scaling(
     plt.show()
     return pd.DataFrame(
         [
-            {c: r[c] for c in ("k", "rule", "lr", "batch", "steps", "test_accuracy")}
+            {c: r[c] for c in ("k", "rule", "warmup", "lr", "batch", "steps", "accuracy")}
             for r in (one, run)
         ]
     )
 
 # %% ../../nbs/deploy/27_ddp.ipynb #17b4301f
-@exercise(1, "ring all-reduce: the sum in 2(k-1) steps, each rank sending to its right neighbour")
+@exercise(1, "ring all-reduce: reduce-scatter and all-gather around a ring")
 def check_ring_allreduce(fn):
     """`fn(tensors)` takes one 1-D float64 tensor per rank (k ranks, equal lengths) and returns
     `(results, messages)`: each rank's copy of the elementwise sum, computed by the ring algorithm
-    (reduce-scatter then all-gather over the k chunks of `tensor_split(k)`), and one message
-    `(step, sender, receiver, elements)` per chunk sent. It must not modify its inputs."""
+    over the k chunks of `tensor_split(k)`, and every message sent, as `(step, sender, receiver,
+    chunk, data)` with `data` the chunk's values as sent. It must not modify its inputs."""
     for k, n in ((2, 8), (3, 10), (4, 17), (5, 5), (7, 100)):
         g = torch.Generator().manual_seed(k * n)
         xs = [torch.randn(n, dtype=torch.float64, generator=g) for _ in range(k)]
         before = [x.clone() for x in xs]
         results, messages = fn(xs)
         assert all(torch.equal(a, b) for a, b in zip(xs, before)), "the inputs were modified"
-        want = torch.stack(before).sum(0)
+        chunks = [x.tensor_split(k) for x in before]
+        total = [sum(chunks[r][c] for r in range(k)) for c in range(k)]
         assert len(results) == k, f"k={k}: expected {k} results, got {len(results)}"
         for r, res in enumerate(results):
-            assert torch.allclose(res, want, rtol=0, atol=1e-12), (
-                f"k={k}, n={n}: rank {r} holds the wrong sum"
+            assert torch.allclose(res, torch.cat(total), rtol=0, atol=1e-12), (
+                f"k={k}: rank {r} holds the wrong sum"
             )
-        sizes = sorted(len(c) for c in torch.arange(n).tensor_split(k))
         steps = sorted({m[0] for m in messages})
         assert steps == list(range(2 * (k - 1))), (
-            f"k={k}: number the messages by step, 0 to {2 * (k - 1) - 1}; got {steps}"
+            f"k={k}: number the steps 0 to {2 * (k - 1) - 1}; got {steps}"
         )
         for s in steps:
             sent = sorted((m[1], m[2]) for m in messages if m[0] == s)
             assert sent == [(r, (r + 1) % k) for r in range(k)], (
-                f"k={k}, step {s}: in a ring every rank sends exactly one chunk, to its right "
-                f"neighbour; got senders and receivers {sent}"
+                f"k={k}, step {s}: each rank sends one chunk, to its right neighbour; got {sent}"
             )
-            assert sorted(m[3] for m in messages if m[0] == s) == sizes, (
-                f"k={k}, n={n}, step {s}: each step moves each of the k chunks once (sizes {sizes})"
+        for s, r, _, c, data in messages:
+            if s < k - 1:  # reduce-scatter: the chunk summed over s + 1 ranks, ending at the sender
+                want = sum(chunks[(r - t) % k][c] for t in range(s + 1))
+                what = f"the sum of chunk {c} over ranks {[(r - t) % k for t in range(s, -1, -1)]}"
+            else:  # all-gather: finished chunks travel
+                want, what = total[c], f"the finished sum of chunk {c}"
+            assert data.shape == want.shape and torch.allclose(data, want, rtol=0, atol=1e-12), (
+                f"k={k}, step {s}: rank {r} sent chunk {c}, which should hold {what}"
             )
 
 # %% ../../nbs/deploy/27_ddp.ipynb #c513c894
-@exercise(2, "gradient accumulation over micro-batches of unequal sizes")
-def check_accumulate(fn):
-    """`fn(model, x, y, sizes)` splits the rows of `(x, y)` into consecutive micro-batches of the
-    given `sizes` (they sum to len(x)), runs forward and backward on each in turn (at most one
-    micro-batch's graph alive at a time) and leaves in each parameter's .grad the gradient of
-    the mean cross-entropy over all the rows, as one batch would; it returns None."""
-    X, y, _, _ = digits_tensors(3)
-    for sizes in ((16, 16), (30, 2), (5, 11, 16), (1, 1, 1, 29), (32,)):
-        n = sum(sizes)
-        whole = make_model(32, False, "cpu", 7)
-        F.cross_entropy(whole(X[:n]), y[:n]).backward()
-        model = make_model(32, False, "cpu", 7)
-        assert fn(model, X[:n], y[:n], list(sizes)) is None, "return None: the result is in .grad"
-        got, want = flat_grads(model), flat_grads(whole)
-        err = float((got - want).abs().max())
-        assert err < 1e-6, (
-            f"sizes {sizes}: the gradient differs from one batch's by {err:.2e}; "
-            "weight each micro-batch's mean loss by its share of the rows"
+@exercise(2, "BatchNorm statistics merged across ranks of unequal sizes")
+def check_merge_stats(fn):
+    """`fn(parts)` takes one `(count, mean, m2)` per rank, each rank's summary of its own rows
+    (count: an int; mean and m2, the sum of squared deviations from that mean: float64 tensors
+    of the features) and returns `(mean, var)` of all the rows together, the variance biased
+    (divided by the count) as BatchNorm normalises with it. Ranks may have no rows."""
+    g = torch.Generator().manual_seed(4)
+    for sizes, offset in (
+        ((16, 16), 0.0),
+        ((30, 2), 0.0),
+        ((5, 0, 11, 16), 3.0),
+        ((1, 1, 1, 29), 1e6),
+        ((200, 3), 1e6),
+    ):
+        shards = [torch.randn(n, 6, dtype=torch.float64, generator=g) * 2 + offset for n in sizes]
+        zeros = torch.zeros(6, dtype=torch.float64)
+        parts = [
+            (
+                len(x),
+                x.mean(0) if len(x) else zeros,
+                ((x - x.mean(0)) ** 2).sum(0) if len(x) else zeros,
+            )
+            for x in shards
+        ]
+        whole = torch.cat(shards)
+        var_want, mean_want = torch.var_mean(whole, dim=0, correction=0)
+        mean, var = fn([(c, m.clone(), s.clone()) for c, m, s in parts])
+        assert torch.allclose(mean, mean_want, rtol=1e-12, atol=1e-9), f"sizes {sizes}: wrong mean"
+        err = float(((var - var_want) / var_want).abs().max())
+        assert err < 1e-7, (
+            f"sizes {sizes}, offset {offset:g}: the variance is off by {err:.1e} (relative); "
+            "merge the deviations (Chan et al.), not sums of squares, when the mean is far from 0"
+        )
+        normed = torch.cat([(x - mean) / torch.sqrt(var + 1e-5) for x in shards])
+        bn = F.batch_norm(whole, None, None, training=True, eps=1e-5)
+        assert torch.allclose(normed, bn, atol=1e-6), (
+            f"sizes {sizes}: normalising with them differs from BatchNorm's"
         )
