@@ -49,12 +49,13 @@ serve:  ## serve _site/ on 127.0.0.1
 stress: setup  ## one chapter run 30 times, 3 at a time, stalled kernels dumped with py-spy: make stress CH=15
 	OMP_NUM_THREADS=1 $(BIN)/python tests/stress_kernels.py --chapter $(CH) --runs 30 --workers 3
 
-bench: setup  ## fit()'s overhead over a plain PyTorch loop; activation checkpointing's memory and time (ch17); ch03 and ch10's explainers against shap, scikit-learn and captum; int8 and ONNX Runtime throughput (ch06); dynamic batching and worker processes (ch18); side by side
+bench: setup  ## fit()'s overhead over a plain PyTorch loop; activation checkpointing's memory and time (ch17); ch03 and ch10's explainers against shap, scikit-learn and captum; int8 and ONNX Runtime throughput (ch06); dynamic batching and worker processes (ch18); DP-SGD against Opacus and vmap against a loop (ch13); side by side
 	$(BIN)/python tests/bench_fit.py
 	$(BIN)/python tests/bench_memory.py
 	$(BIN)/python tests/bench_explain.py
 	$(BIN)/python tests/bench_inference.py
 	$(BIN)/python tests/bench_parallel.py
+	$(BIN)/python tests/bench_privacy.py
 
 readme: setup  ## regenerate README.md from nbs/index.ipynb
 	$(BIN)/python -c "from dlopt_labs.course.site import write_readme; write_readme()"

@@ -998,3 +998,27 @@ def test_ch27_ddp_refuses_bad_input():
     assert _raises(P.make_model, 0) == ("ValueError", "width must be a positive whole number of units, got 0")
     assert _raises(P.scaling_table, {8: {"1 process, 1 thread": [1.0, 1.0]}}) == (
         "ValueError", "an interval needs at least 3 rounds, got 2: raise rounds")
+
+
+def test_ch13_privacy_refuses_bad_input():
+    import torch
+    from dlopt_labs.debug import privacy as P
+    assert _raises(P.make_classifier, 0) == ("ValueError", "width must be a positive whole number of units, got 0")
+    assert _raises(P.clip_and_noise, {}, 0.0, 1.0, 10) == (
+        "ValueError", "need max_norm > 0, noise_multiplier >= 0 and expected_batch > 0, got 0.0, 1.0 and 10")
+    model = P.make_classifier(8)
+    assert _raises(P.per_sample_grads, model, torch.rand(4, 64), torch.zeros(3, dtype=torch.long)) == (
+        "ValueError", "x has 4 rows and y 3: give one label per row")
+    assert _raises(P.dp_sgd, model, torch.rand(4, 64), torch.zeros(4, dtype=torch.long), sample_rate=0.0) == (
+        "ValueError", "sample_rate must be in (0, 1], got 0.0")
+    assert _raises(P.epsilon, 0.1, 1.0, 10, 0.0) == ("ValueError", "delta must be in (0, 1), got 0.0")
+    assert _raises(P.rdp, 1.5, 1.0, 10) == (
+        "ValueError", "need 0 <= sample_rate <= 1, noise_multiplier > 0, steps >= 0; got 1.5, 1.0, 10")
+    assert _raises(P.noise_for_epsilon, 0.0, 0.1, 10, 1e-5) == ("ValueError", "target epsilon must be positive, got 0.0")
+    assert _raises(P.encrypt_weights, {}, b"short") == (
+        "ValueError", "key must be 32 random bytes (AES-256): make one with AESGCM.generate_key(bit_length=256) and "
+        "keep it outside the file, e.g. in a secrets manager")
+    assert _raises(P.decrypt_weights, b"PK\x03\x04 a zip file", bytes(32)) == (
+        "ValueError", "not an encrypted weights file (its first bytes are not the format's marker)")
+    assert _raises(P.client_split, torch.zeros(10, dtype=torch.long), 0) == (
+        "ValueError", "clients must be a whole number from 1 to 5, got 0")

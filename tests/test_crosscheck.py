@@ -2911,3 +2911,173 @@ def test_ddp_linear_scaling_rule_against_one_rank():
     one, eight = D27.train_at_scale(1, "none", epochs=2, seed=3), D27.train_at_scale(8, "linear", epochs=2, seed=3)
     assert eight["lr"] == pytest.approx(8 * one["lr"]) and eight["steps"] * 8 == pytest.approx(one["steps"], abs=8)
     assert D27.train_at_scale(1, "linear", epochs=2, seed=3)["losses"] == one["losses"]   # k=1: every rule is the same
+
+
+# chapter 13: Opacus (per-sample gradients, the clipped step, the RDP accountant), scikit-learn's AUC, AES-GCM ------
+import warnings as _warnings
+from dlopt_labs.debug import privacy as P13
+
+
+def _rows(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 64, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+@pytest.mark.parametrize("width,seed,n", [(16, 1, 7), (48, 2, 33)])
+def test_per_sample_grads_equal_opacus_grad_sample(width, seed, n):
+    "Tolerance 1e-6 absolute (float32; entries up to about 1)."
+    from opacus import GradSampleModule
+    model = P13.make_classifier(width, seed=seed)
+    x, y = _rows(n, seed)
+    ours, loop = P13.per_sample_grads(model, x, y), P13.per_sample_grads_loop(model, x, y)
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore")
+        gm = GradSampleModule(copy.deepcopy(model), loss_reduction="sum")
+        F.cross_entropy(gm(x), y, reduction="sum").backward()
+    for name, p in gm._module.named_parameters():
+        assert p.grad_sample.shape == ours[name].shape
+        assert float((p.grad_sample - ours[name]).abs().max()) < 1e-6
+        assert float((loop[name] - ours[name]).abs().max()) < 1e-6
+
+
+def test_clipped_noise_free_step_equals_opacus_dp_optimizer():
+    "Per-row clipping to C, summed, divided by the expected batch: Opacus's DPOptimizer with no noise, to 1e-6."
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    model = P13.make_classifier(32, seed=4)
+    x, y = _rows(40, 4)
+    ours = P13.clip_and_noise(P13.per_sample_grads(model, x, y), max_norm=4.4, noise_multiplier=0.0, expected_batch=50)
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore")
+        gm = GradSampleModule(copy.deepcopy(model), loss_reduction="mean")
+        opt = DPOptimizer(torch.optim.SGD(gm.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=4.4,
+                          expected_batch_size=50, loss_reduction="mean")
+        F.cross_entropy(gm(x), y).backward()
+        opt.pre_step()
+    for name, p in gm._module.named_parameters():
+        assert float((p.grad - ours[name]).abs().max()) < 1e-6
+    norms = P13.per_sample_norms(P13.per_sample_grads(model, x, y))
+    assert (norms > 4.4).any() and (norms < 4.4).any()                      # some rows clipped, some not
+
+
+@pytest.mark.parametrize("sigma,q,steps", [(1.1, 0.05, 500), (0.7, 0.01, 3000), (4.0, 0.2, 50), (1.0, 1.0, 10),
+                                           (2.3, 0.003, 10000), (0.55, 0.3, 7)])
+def test_epsilon_equals_opacus_rdp_accountant(sigma, q, steps):
+    "Relative tolerance 1e-6, the same orders (Opacus's defaults)."
+    from opacus.accountants import RDPAccountant
+    acc = RDPAccountant()
+    acc.history = [(sigma, q, steps)]
+    assert P13.epsilon(q, sigma, steps, 1e-5)[0] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-6)
+    assert list(P13.ORDERS) == list(RDPAccountant.DEFAULT_ALPHAS)
+
+
+def test_noise_for_epsilon_inverts_the_accountant():
+    for target, q, steps in ((1.0, 0.05, 300), (8.0, 0.02, 2000), (0.5, 0.1, 100)):
+        sigma = P13.noise_for_epsilon(target, q, steps, 1e-5)
+        assert P13.epsilon(q, sigma, steps, 1e-5)[0] <= target < P13.epsilon(q, sigma - 1e-3, steps, 1e-5)[0]
+
+
+def test_dp_sgd_without_noise_or_clipping_at_rate_one_is_full_batch_gradient_descent():
+    X, y = _rows(60, 5)
+    a, b = P13.make_classifier(24, seed=6), P13.make_classifier(24, seed=6)
+    P13.dp_sgd(a, X, y, epochs=5, sample_rate=1.0, max_norm=1e6, noise_multiplier=0.0, lr=0.3, seed=0)
+    opt = torch.optim.SGD(b.parameters(), lr=0.3)
+    for _ in range(5):
+        opt.zero_grad(); F.cross_entropy(b(X), y).backward(); opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert float((pa - pb).abs().max()) < 1e-5
+
+
+def test_membership_auc_equals_scikit_learn_with_ties():
+    from sklearn.metrics import roc_auc_score
+    g = torch.Generator().manual_seed(3)
+    m, o = torch.randint(0, 5, (70,), generator=g).double(), torch.randint(0, 4, (90,), generator=g).double()
+    want = roc_auc_score(np.r_[np.ones(70), np.zeros(90)], np.r_[m.numpy(), o.numpy()])
+    assert P13.auc(m, o) == pytest.approx(want, abs=1e-12)
+
+
+def test_membership_attack_beats_chance_on_an_overfit_model_and_dp_bound_caps_advantage():
+    data = P13.digits(3)
+    X, y = data["train"]
+    members, others = (X[:60], y[:60]), (data["test"][0][:150], data["test"][1][:150])   # few rows: overfit
+    model = P13.train_plain(P13.make_classifier(64, seed=3), *members, epochs=200, seed=3)
+    a = P13.loss_attack(model, members, others, seed=3)
+    assert a["auc"] > 0.6 and a["advantage"] > 0.1 and P13.accuracy(model, *members) == 1.0
+    assert P13.advantage_bound(0.0, 0.0) == 0.0 and P13.advantage_bound(math.inf, 1e-5) == 1.0
+    assert P13.advantage_bound(1.0, 1e-5) < P13.advantage_bound(2.0, 1e-5) < 1
+
+
+def test_per_sample_grads_by_vmap_are_faster_than_the_loop():
+    from dlopt_labs.measure import compare_speed
+    model = P13.make_classifier(64, seed=0)
+    x, y = _rows(128, 0)
+    cmp = compare_speed({"loop": lambda: P13.per_sample_grads_loop(model, x, y),
+                         "vmap": lambda: P13.per_sample_grads(model, x, y)}, rounds=5, repeats=2)
+    assert cmp.evidence("vmap")["speedup_lo"] > 1
+
+
+def test_fedavg_with_one_client_full_batch_is_gradient_descent_and_weights_clients_by_size():
+    X, y = _rows(48, 8)
+    a, b = P13.make_classifier(16, seed=2), P13.make_classifier(16, seed=2)
+    P13.fedavg(a, X, y, [torch.arange(48)], rounds=4, local_epochs=1, lr=0.2, batch=48)
+    opt = torch.optim.SGD(b.parameters(), lr=0.2)
+    for _ in range(4):
+        opt.zero_grad(); F.cross_entropy(b(X), y).backward(); opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert float((pa - pb).abs().max()) < 1e-5
+    c, d = P13.make_classifier(16, seed=2), P13.make_classifier(16, seed=2)   # a client with no rows counts zero
+    P13.fedavg(c, X, y, [torch.arange(48), torch.arange(0)], rounds=2, local_epochs=1, lr=0.2, batch=48)
+    P13.fedavg(d, X, y, [torch.arange(48)], rounds=2, local_epochs=1, lr=0.2, batch=48)
+    assert all(torch.allclose(pc, pd_, atol=1e-6) for pc, pd_ in zip(c.parameters(), d.parameters()))
+    parts = P13.client_split(y, 6, iid=False, seed=1)
+    assert sorted(torch.cat(parts).tolist()) == list(range(48)) and max(len(torch.unique(y[p])) for p in parts) < 10
+
+
+def test_aes_gcm_round_trip_and_every_change_refused():
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    key = AESGCM.generate_key(bit_length=256)
+    state = P13.make_classifier(8, seed=1).state_dict()
+    blob = P13.encrypt_weights(state, key, {"owner": "tests"})
+    back, meta = P13.decrypt_weights(blob, key)
+    assert meta == {"owner": "tests"} and all(torch.equal(state[k], back[k]) for k in state)
+    assert blob != P13.encrypt_weights(state, key, {"owner": "tests"})        # a fresh nonce each time
+    assert b"owner" in blob and P13.MAGIC in blob
+    for bad, k in ((blob[:-1] + bytes([blob[-1] ^ 1]), key), (blob.replace(b"tests", b"tesTs"), key),
+                   (blob, AESGCM.generate_key(bit_length=256))):
+        with pytest.raises(ValueError, match="could not be authenticated"):
+            P13.decrypt_weights(bad, k)
+
+
+@pytest.mark.timeout(120)
+def test_crafted_checkpoint_never_runs_with_weights_only_and_runs_without(tmp_path):
+    marker = tmp_path / "ran.txt"
+    evil = P13.craft_checkpoint(tmp_path / "evil.pt", marker)
+    assert ("__builtin__", "exec") in P13.scan_checkpoint(evil) or ("builtins", "exec") in P13.scan_checkpoint(evil)
+    import pickle
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(evil, weights_only=True)
+    assert not marker.exists()                                               # the payload never ran
+    r = P13.load_in_subprocess(evil, weights_only=True)
+    assert not r["loaded"] and "Weights only load failed" in r["error"] and not marker.exists()
+    r = P13.load_in_subprocess(evil, weights_only=False)                     # the test could fail: it does run
+    assert r["loaded"] and marker.read_text() == "the payload ran"
+    honest = tmp_path / "honest.pt"
+    torch.save(P13.make_classifier(8).state_dict(), honest)
+    assert all(mod in ("collections", "torch", "torch._utils") for mod, _ in P13.scan_checkpoint(honest))
+
+
+def test_guarded_app_statuses_budget_and_audit():
+    model = P13.make_classifier(8, seed=0).eval()
+    audit = []
+    app = P13.guarded_app(model, {"a": P13.hash_token("secret-a"), "b": P13.hash_token("secret-b")}, budget=5, audit=audit)
+    row = [[0.5] * 64]
+    ask = lambda tok, body: ("/predict", {"Authorization": f"Bearer {tok}"} if tok else {}, body)
+    got = P13.post_all(app, [ask(None, {"inputs": row}), ask("secret-x", {"inputs": row}), ask("secret-a", {"inputs": row}),
+                             ask("secret-a", {"inputs": [[1.0, 2.0]]}), ask("secret-a", {"x": 1}),
+                             ask("secret-a", {"inputs": row * 5}), ask("secret-b", {"inputs": row * 5})])
+    assert [s for s, _ in got] == [401, 403, 200, 400, 400, 429, 200]
+    with torch.no_grad():
+        assert got[2][1] == {"labels": model(torch.tensor(row)).argmax(1).tolist()}
+    assert [(e["client"], e["status"]) for e in audit] == [("?", 401), ("?", 403), ("a", 200), ("a", 400), ("a", 400),
+                                                            ("a", 429), ("b", 200)]
+    assert app.state.used == {"a": 1, "b": 5}

@@ -1877,3 +1877,67 @@ def test_ch27_exercise2_accepts_a_different_correct_solution_and_refuses_likely_
     for name, wrong in dict(sums_of_squares=sums_of_squares, mean_of_variances=mean_of_variances,
                             unweighted=unweighted, unbiased=unbiased).items():
         assert status(P27.check_merge_stats, wrong) == "failed", name
+
+
+# chapter 13, exercises 1 and 2: a Laplace-mechanism mean, secure aggregation by masks that cancel -------------------
+from dlopt_labs.debug import privacy as P13
+
+
+def _laplace_mean(values, lo, hi, epsilon, generator):    # by the inverse CDF of one uniform draw
+    if epsilon <= 0 or lo >= hi:
+        raise ValueError("need epsilon > 0 and lo < hi")
+    u = float(torch.rand(1, dtype=torch.float64, generator=generator)) - 0.5
+    scale = (hi - lo) / (len(values) * epsilon)
+    return float(values.clamp(lo, hi).mean()) - scale * math.copysign(1.0, u) * math.log(1 - 2 * abs(u))
+
+
+def test_ch13_exercise1_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    assert status(P13.check_dp_mean, _laplace_mean) == "passed"
+
+    def gaussian(values, lo, hi, epsilon, generator):      # the right spread, the wrong (light) tails
+        if epsilon <= 0 or lo >= hi: raise ValueError("bad")
+        scale = (hi - lo) / (len(values) * epsilon)
+        return float(values.clamp(lo, hi).mean()) + scale * math.sqrt(2) * float(torch.randn(1, generator=generator))
+
+    def no_clipping(values, lo, hi, epsilon, generator):
+        return _laplace_mean(values, -1e9, 1e9, epsilon, generator) - 0 if False else (
+            float(values.mean()) + _laplace_mean(torch.zeros(len(values), dtype=torch.float64), lo, hi, epsilon, generator))
+
+    def range_ignored(values, lo, hi, epsilon, generator):  # sensitivity 1 / n whatever the range
+        return _laplace_mean(values.clamp(lo, hi), 0.0, 1.0, epsilon, generator) + 0 * lo
+
+    def global_randomness(values, lo, hi, epsilon, generator):
+        return _laplace_mean(values, lo, hi, epsilon, None)
+
+    def no_refusal(values, lo, hi, epsilon, generator):
+        return _laplace_mean(values, lo, hi, max(epsilon, 1e-3), generator) if lo < hi else 0.0
+    for name, wrong in dict(gaussian=gaussian, no_clipping=no_clipping, range_ignored=range_ignored,
+                            global_randomness=global_randomness, no_refusal=no_refusal).items():
+        assert status(P13.check_dp_mean, wrong) == "failed", name
+
+
+def test_ch13_exercise2_accepts_a_different_correct_solution_and_refuses_likely_mistakes():
+    def last_client_balances(updates, seed):               # correct too: the masks sum to zero by construction
+        g = torch.Generator().manual_seed(seed)
+        masks = [torch.randn(updates[0].shape, dtype=updates[0].dtype, generator=g) * 50 for _ in updates[:-1]]
+        masks.append(-sum(masks))
+        return [u + m for u, m in zip(updates, masks)]
+    assert status(P13.check_secure_aggregation, last_client_balances) == "passed"
+
+    def small_masks(updates, seed):
+        out = last_client_balances(updates, seed)
+        return [u + (o - u) * 1e-4 for u, o in zip(updates, out)]
+
+    def not_cancelling(updates, seed):
+        g = torch.Generator().manual_seed(seed)
+        return [u + torch.randn(u.shape, dtype=u.dtype, generator=g) * 50 for u in updates]
+
+    def in_place(updates, seed):
+        for u, o in zip(updates, last_client_balances(updates, seed)): u.copy_(o)
+        return updates
+
+    def unseeded(updates, seed):
+        return last_client_balances(updates, int(torch.randint(0, 10**6, (1,))))
+    for name, wrong in dict(small_masks=small_masks, not_cancelling=not_cancelling, in_place=in_place,
+                            unseeded=unseeded).items():
+        assert status(P13.check_secure_aggregation, wrong) == "failed", name
