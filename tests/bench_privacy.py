@@ -3,10 +3,10 @@
 One DP-SGD step (Poisson batch of the expected size, per-sample gradients, clipping to C = 1, Gaussian noise with
 sigma = 1, division by the expected batch, an SGD step) of the chapter's classifier (64 -> 64 -> tanh -> 10) on
 the digits' training rows: the chapter's `per_sample_grads` + `clip_and_noise` against Opacus's `PrivacyEngine`
-(GradSampleModule hooks and DPOptimizer) on the same batches, interleaved rounds with an A/A band
+(GradSampleModule hooks and DPOptimizer) on the same Poisson batches, indexed the same way, interleaved rounds with an A/A band
 (`compare_speed`), at expected batches of 64 and 256, one intra-op thread.
-Goals (issue 16): a DP-SGD step at most 1.0x Opacus's time (met unless the speed-up's interval lies wholly below
-1); per-sample gradients by vmap at least 10x faster than a
+Goals (issue 16): a DP-SGD step at most 1.0x Opacus's time (met when the speed-up's interval lies above 1, not
+met when below, inconclusive otherwise); per-sample gradients by vmap at least 10x faster than a
 Python loop over the rows (met when the speed-up's lower bound clears 10). Not collected by pytest.
 """
 import copy
@@ -44,17 +44,12 @@ def main():
             model, optimizer, loader = engine.make_private(module=theirs, optimizer=torch.optim.SGD(theirs.parameters(), lr=0.1),
                                                            data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
                                                            poisson_sampling=True)
-            batches = iter(loader)
+            g2 = torch.Generator().manual_seed(0)
 
-            def opacus_step():
-                nonlocal batches
-                try:
-                    xb, yb = next(batches)
-                except StopIteration:
-                    batches = iter(loader)
-                    xb, yb = next(batches)
+            def opacus_step():                     # the same Poisson batches, indexed the same way
+                idx = poisson_batch(len(X), q, g2)
                 optimizer.zero_grad()
-                F.cross_entropy(model(xb), yb).backward()
+                F.cross_entropy(model(X[idx]), y[idx]).backward()
                 optimizer.step()
 
             cmp = compare_speed({"Opacus": opacus_step, "chapter 13": our_step}, rounds=9, repeats=5)
@@ -62,7 +57,7 @@ def main():
             print(f"expected batch {batch}: DP-SGD step, chapter 13 / Opacus speed-up {ev['speedup']:.2f} "
                   f"[{ev['speedup_lo']:.2f}, {ev['speedup_hi']:.2f}] (A/A {ev['noise_lo']:.2f}-{ev['noise_hi']:.2f}); "
                   f"median {cmp.table.loc['chapter 13', 'median_ms']:.2f} ms vs {cmp.table.loc['Opacus', 'median_ms']:.2f} ms; "
-                  f"goal at most 1.0x Opacus's time: {'met' if ev['speedup_hi'] >= 1 else 'NOT met'}")
+                  f"goal at most 1.0x Opacus's time: {'met' if ev['speedup_lo'] >= 1 else 'NOT met' if ev['speedup_hi'] < 1 else 'inconclusive'}")
             xb, yb = X[:batch], y[:batch]
             cmp = compare_speed({"loop": lambda: per_sample_grads_loop(ours, xb, yb),
                                  "vmap": lambda: per_sample_grads(ours, xb, yb)}, rounds=7, repeats=3)

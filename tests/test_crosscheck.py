@@ -2974,7 +2974,7 @@ def test_epsilon_equals_opacus_rdp_accountant(sigma, q, steps):
 def test_noise_for_epsilon_inverts_the_accountant():
     for target, q, steps in ((1.0, 0.05, 300), (8.0, 0.02, 2000), (0.5, 0.1, 100)):
         sigma = P13.noise_for_epsilon(target, q, steps, 1e-5)
-        assert P13.epsilon(q, sigma, steps, 1e-5)[0] <= target < P13.epsilon(q, sigma - 1e-3, steps, 1e-5)[0]
+        assert P13.epsilon(q, sigma, steps, 1e-5)[0] <= target < P13.epsilon(q, sigma * (1 - 2e-3), steps, 1e-5)[0]
 
 
 def test_dp_sgd_without_noise_or_clipping_at_rate_one_is_full_batch_gradient_descent():
@@ -3081,3 +3081,27 @@ def test_guarded_app_statuses_budget_and_audit():
     assert [(e["client"], e["status"]) for e in audit] == [("?", 401), ("?", 403), ("a", 200), ("a", 400), ("a", 400),
                                                             ("a", 429), ("b", 200)]
     assert app.state.used == {"a": 1, "b": 5}
+
+
+def test_clip_and_noise_adds_sigma_c_noise_divided_by_the_expected_batch():
+    "An empty batch releases the noise alone: N(0, (sigma C)^2) / expected batch, here sd 2 x 3 / 10 = 0.6, to 1%."
+    out = P13.clip_and_noise({"w": torch.zeros(0, 200_000)}, max_norm=3.0, noise_multiplier=2.0, expected_batch=10,
+                             generator=torch.Generator().manual_seed(0))
+    assert float(out["w"].std()) == pytest.approx(0.6, rel=0.01) and abs(float(out["w"].mean())) < 0.005
+    X, y = _rows(30, 9)                                        # most Poisson batches empty at q = 0.01
+    run = P13.dp_sgd(P13.make_classifier(8, seed=0), X, y, epochs=0.2, sample_rate=0.01, noise_multiplier=1.0)
+    assert run["steps"] == 20 and math.isfinite(run["epsilon"]) and run["epsilon"] > 0
+
+
+def test_scan_checkpoint_follows_inst_and_the_memo(tmp_path):
+    import zipfile
+    inst = b"(S'print(1)'\nibuiltins\nexec\n."                                  # protocol 0, INST
+    memo = (b"\x80\x04\x8c\x08builtins\x94\x8c\x04exec\x940" + b"0h\x00h\x01\x93\x8c\x08print(1)\x85R.")
+    for name, data in (("inst", inst), ("memo", memo)):
+        path = tmp_path / f"{name}.pt"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/data.pkl", data)
+        assert ("builtins", "exec") in P13.scan_checkpoint(path), name
+    (tmp_path / "legacy.pt").write_bytes(b"\x80\x02 not a zip")
+    with pytest.raises(ValueError, match="not a zip checkpoint"):
+        P13.scan_checkpoint(tmp_path / "legacy.pt")

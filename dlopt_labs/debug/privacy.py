@@ -21,7 +21,6 @@ import json
 import math
 import os
 import pickletools
-import shutil
 import subprocess
 import sys
 import time
@@ -144,7 +143,8 @@ def dp_sgd(
 ) -> dict:
     """DP-SGD (Abadi et al. 2016): per step, a Poisson-sampled batch, per-sample gradients by vmap,
     clipped, summed and noised by `clip_and_noise`, one SGD step. Returns steps, epsilon (the
-    chapter's accountant, at `delta`), the training loss every epoch and the seconds."""
+    chapter's accountant, at `delta`), the loss on all training rows every epoch (for the
+    reader; it is not covered by the privacy guarantee) and the seconds."""
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if not epochs > 0:
@@ -267,17 +267,19 @@ def epsilon(sample_rate: float, noise_multiplier: float, steps: int, delta: floa
 
 
 def noise_for_epsilon(target: float, sample_rate: float, steps: int, delta: float) -> float:
-    "The smallest noise multiplier whose epsilon after `steps` is at most `target` (bisection)."
+    "The smallest noise multiplier (to 0.1%) whose epsilon after `steps` is at most `target`."
     if not target > 0:
         raise ValueError(f"target epsilon must be positive, got {target}")
     lo, hi = 0.05, 1.0
+    if epsilon(sample_rate, lo, steps, delta)[0] <= target:
+        return lo  # the budget is loose: the smallest noise searched already meets it
     while epsilon(sample_rate, hi, steps, delta)[0] > target:
         lo, hi = hi, hi * 2
         if hi > 1e4:
             raise ValueError(
                 f"no noise multiplier up to 1e4 reaches epsilon {target} in {steps} steps"
             )
-    while hi - lo > 1e-4:
+    while hi - lo > 1e-3 * hi:  # to 0.1%
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if epsilon(sample_rate, mid, steps, delta)[0] > target else (lo, mid)
     return hi
@@ -337,6 +339,8 @@ def advantage_bound(eps: float, delta: float) -> float:
     """The largest TPR - FPR any membership attack can reach against an (epsilon, delta)-DP
     training run: from TPR <= e^eps FPR + delta and 1 - FPR <= e^eps (1 - TPR) + delta (Kairouz
     et al. 2015)."""
+    if not eps >= 0 or not 0 <= delta < 1:
+        raise ValueError(f"need epsilon >= 0 and 0 <= delta < 1, got {eps} and {delta}")
     if math.isinf(eps):
         return 1.0
     e = math.exp(eps)
@@ -387,6 +391,10 @@ def fedavg(
     evaluate(model) after every round."""
     g = torch.Generator().manual_seed(seed)
     sizes = torch.tensor([len(p) for p in parts], dtype=torch.float64)
+    if not len(parts) or sizes.sum() == 0:
+        raise ValueError(
+            "the clients hold no rows: give each client its row indices (client_split)"
+        )
     weights = sizes / sizes.sum()
     history = []
     for _ in range(rounds):
@@ -444,6 +452,11 @@ def decrypt_weights(blob: bytes, key: bytes) -> tuple:
         )
     n = int.from_bytes(blob[len(MAGIC) : len(MAGIC) + 4], "big")
     start = len(MAGIC) + 4
+    if len(blob) < start + n + 12 + 16:
+        raise ValueError(
+            "the weights could not be authenticated: the file is truncated; restore it from "
+            "a trusted copy"
+        )
     header, nonce, sealed = (
         blob[start : start + n],
         blob[start + n : start + n + 12],
@@ -492,6 +505,12 @@ def load_in_subprocess(path, weights_only: bool, timeout: float = 60) -> dict:
         timeout=timeout,
     )
     out = r.stdout.strip()
+    if r.returncode != 0 or not out.startswith(("LOADED", "REFUSED")):
+        return dict(
+            weights_only=weights_only,
+            loaded=False,
+            error=f"the process failed (exit {r.returncode}): {r.stderr.strip()[-300:]}",
+        )
     return dict(
         weights_only=weights_only,
         loaded=out.startswith("LOADED"),
@@ -501,18 +520,45 @@ def load_in_subprocess(path, weights_only: bool, timeout: float = 60) -> dict:
 
 def scan_checkpoint(path) -> list:
     """The globals (module and name) a checkpoint's pickle would import when loaded, read with
-    `pickletools` without unpickling anything: an audit before any load."""
-    with zipfile.ZipFile(path) as z:
-        name = next(n for n in z.namelist() if n.endswith("data.pkl"))
-        data = z.read(name)
-    found, strings = [], []
+    `pickletools` without unpickling anything: GLOBAL, INST, and STACK_GLOBAL with its strings
+    followed through the memo. A heuristic audit, not a guarantee: `weights_only=True` is the
+    control."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("data.pkl")]
+            if not names:
+                raise ValueError(
+                    f"{path} is a zip file without data.pkl: not a torch.save checkpoint"
+                )
+            data = z.read(names[0])
+    except zipfile.BadZipFile:
+        raise ValueError(
+            f"{path} is not a zip checkpoint (a legacy torch format or another file): "
+            "do not load it, or only with weights_only=True"
+        ) from None
+    found, stack, memo = [], [], {}
     for op, arg, _ in pickletools.genops(data):
-        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
-            strings.append(arg)
-        elif op.name == "GLOBAL":
+        if op.name in (
+            "SHORT_BINUNICODE",
+            "BINUNICODE",
+            "BINUNICODE8",
+            "UNICODE",
+            "SHORT_BINSTRING",
+            "BINSTRING",
+            "STRING",
+        ):
+            stack.append(arg if isinstance(arg, str) else str(arg))
+        elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+            memo[arg] = stack[-1] if stack else None
+        elif op.name == "MEMOIZE":
+            memo[len(memo)] = stack[-1] if stack else None
+        elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+            stack.append(memo.get(arg))
+        elif op.name in ("GLOBAL", "INST"):
             found.append(tuple(arg.split(" ", 1)))
         elif op.name == "STACK_GLOBAL":
-            found.append((strings[-2], strings[-1]))
+            module, name = (stack[-2], stack[-1]) if len(stack) >= 2 else ("?", "?")
+            found.append((str(module), str(name)))
     return sorted(set(found))
 
 # %% ../../nbs/debug/13_privacy.ipynb #641e343f
@@ -526,6 +572,7 @@ def guarded_app(
     clients: dict,  # client name -> hash_token(its token)
     budget: int = 1000,  # rows each client may query in all (limits extraction, membership probing)
     audit=None,  # a list: one dict per request is appended (time, client, status, rows)
+    max_bytes: int = 65536,  # largest request body accepted
 ):
     """A Starlette app serving POST /predict {"inputs": [[64 numbers], ...]} to holders of a token
     (`Authorization: Bearer <token>`): 401 without one, 403 for an unknown one (compared in
@@ -543,7 +590,10 @@ def guarded_app(
         if not auth.startswith("Bearer "):
             return None
         h = hash_token(auth[len("Bearer ") :])
-        return next((n for n, stored in clients.items() if hmac.compare_digest(h, stored)), "")
+        matches = [
+            n for n, stored in clients.items() if hmac.compare_digest(h, stored)
+        ]  # all compared
+        return matches[0] if matches else ""
 
     async def predict(request):
         client = who(request)
@@ -554,21 +604,30 @@ def guarded_app(
             status, body = 403, {"error": "unknown token"}
         else:
             try:
-                x = torch.tensor((await request.json())["inputs"], dtype=torch.float32)
+                raw = await request.body()
+                if len(raw) > max_bytes:
+                    raise ValueError(f"body over {max_bytes} bytes")
+                x = torch.tensor(json.loads(raw)["inputs"], dtype=torch.float32)
                 if x.ndim != 2 or x.shape[1] != 64:
                     raise ValueError(
                         f"inputs must be rows of 64 numbers, got shape {list(x.shape)}"
                     )
                 rows = len(x)
-            except Exception as e:
+            except ValueError as e:
                 status, body = 400, {"error": f"bad request: {e}"}
+            except Exception:
+                status, body = (
+                    400,
+                    {"error": 'bad request: send JSON {"inputs": [[64 numbers], ...]}'},
+                )
             else:
                 if used[client] + rows > budget:
                     status, body = 429, {"error": f"query budget of {budget} rows spent"}
                 else:
                     used[client] += rows
                     with torch.no_grad():
-                        body = {"labels": model(x).argmax(1).tolist()}
+                        device = next(model.parameters()).device
+                        body = {"labels": model(x.to(device)).argmax(1).tolist()}
         audit.append(
             dict(time=time.time(), client=client if client else "?", status=status, rows=rows)
         )
@@ -593,10 +652,11 @@ def post_all(app, requests: list, timeout: float = 60) -> list:
                 out.append((r.status_code, r.json()))
             return out
 
-    with concurrent.futures.ThreadPoolExecutor(
-        1
-    ) as pool:  # its own event loop, also inside Jupyter's
+    pool = concurrent.futures.ThreadPoolExecutor(1)  # its own event loop, also inside Jupyter's
+    try:
         return pool.submit(asyncio.run, go()).result(timeout=timeout)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 # %% ../../nbs/debug/13_privacy.ipynb #3abdec14
 def try_dp(
@@ -651,13 +711,13 @@ def check_dp_mean(fn):
         f"the noise's standard deviation is {sd:.5f}; Laplace noise at the mean's sensitivity "
         f"(hi - lo) / n over epsilon has {want:.5f}"
     )
-    assert stats.kurtosis(draws) > 1.5, "the noise is not Laplace-shaped (its tails are too light)"
+    assert stats.kurtosis(draws) > 1.0, "the noise is not Laplace-shaped (its tails are too light)"
     a = fn(v, lo, hi, eps, torch.Generator().manual_seed(7))
     b = fn(v, lo, hi, eps, torch.Generator().manual_seed(7))
     assert float(a) == float(b), (
         "draw the noise with the generator given, so that a seed repeats a release"
     )
-    for bad in (dict(epsilon=0.0), dict(epsilon=-1.0), dict(lo=1.0, hi=1.0)):
+    for bad in (dict(epsilon=0.0), dict(epsilon=-1.0), dict(lo=1.0, hi=1.0), dict(lo=2.0, hi=-1.0)):
         args = dict(lo=lo, hi=hi, epsilon=eps) | bad
         try:
             fn(v, args["lo"], args["hi"], args["epsilon"], g)
@@ -689,7 +749,7 @@ def check_secure_aggregation(fn):
                 f"{clients} clients: client {i}'s mask is small next to its update"
             )
             r = float(np.corrcoef(m.numpy(), u.numpy())[0, 1])
-            assert abs(r) < 0.2, (
+            assert abs(r) < 5 / math.sqrt(n), (
                 f"{clients} clients: client {i}'s masked update correlates with it ({r:.2f})"
             )
         again = fn(before, 5)
