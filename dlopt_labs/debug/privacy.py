@@ -68,7 +68,7 @@ def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
 
 # %% ../../nbs/debug/13_privacy.ipynb #71ff8fc5
 def per_sample_grads_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
-    "Each row's gradient of its cross-entropy, one backward pass per row: {name: (rows, *shape)}."
+    "Each row's gradient of its loss, one backward pass per row: ``{name: (rows, *shape)}``."
     out = {n: [] for n, _ in model.named_parameters()}
     for i in range(len(x)):
         model.zero_grad()
@@ -81,7 +81,7 @@ def per_sample_grads_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
 
 def per_sample_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     """Each row's gradient of its cross-entropy in one vectorised call: `torch.func.grad` of the
-    loss of one row, mapped over the rows by `vmap`. {name: (rows, *shape)}."""
+    loss of one row, mapped over the rows by `vmap`. ``{name: (rows, *shape)}``."""
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} rows and y {y.shape[0]}: give one label per row")
     params = {n: p.detach() for n, p in model.named_parameters()}
@@ -568,7 +568,7 @@ def hash_token(token: str) -> str:
 
 
 def guarded_app(
-    model: nn.Module,  # the model served (eval mode, CPU)
+    model: nn.Module,  # the model served (eval mode; inputs go to its device)
     clients: dict,  # client name -> hash_token(its token)
     budget: int = 1000,  # rows each client may query in all (limits extraction, membership probing)
     audit=None,  # a list: one dict per request is appended (time, client, status, rows)
